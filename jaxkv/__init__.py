@@ -1,0 +1,43 @@
+"""jaxkv: fast autoregressive decoding in JAX/Flax around an explicit, immutable KV cache."""
+
+from jaxkv.cache import KVCache, LayerKV, WritePlan, cache_memory_bytes
+from jaxkv.config import PRESETS, ModelConfig, preset
+from jaxkv.decode import (
+    DecodeState,
+    GenerationResult,
+    bucket_length,
+    decode_step,
+    generate,
+    generate_stream,
+    prefill,
+    resume,
+)
+from jaxkv.model import Transformer, cast_params, forward, init_params
+from jaxkv.sampling import GREEDY, SamplingConfig, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GREEDY",
+    "PRESETS",
+    "DecodeState",
+    "GenerationResult",
+    "KVCache",
+    "LayerKV",
+    "ModelConfig",
+    "SamplingConfig",
+    "Transformer",
+    "WritePlan",
+    "bucket_length",
+    "cache_memory_bytes",
+    "cast_params",
+    "decode_step",
+    "forward",
+    "generate",
+    "generate_stream",
+    "init_params",
+    "prefill",
+    "preset",
+    "resume",
+    "sample",
+]

@@ -1,0 +1,200 @@
+"""The KV cache: the one module that knows how keys and values are stored and written.
+
+A `KVCache` is an immutable pytree of fixed-shape arrays. It goes into jitted functions as an
+argument and comes back updated; nothing is hidden in module state.
+
+Layout (measured against a single stacked tensor, see BENCHMARKS.md):
+
+- one `LayerKV` per layer, with separate `k` and `v` leaves of shape
+  `[batch, capacity, n_kv_heads, head_dim]`;
+- `positions`: int32 `[batch, capacity]`, the sequence position stored in each slot, -1 for an
+  empty slot. Attention masks with it, so rows may hold different amounts of padding and a row
+  that stops simply stops filling slots;
+- `lengths`: int32 `[batch]`, tokens stored per row, which is also the position of the row's
+  next token;
+- `index`: int32 scalar, the next slot to write. All rows write the same slot range, so each
+  write is one `lax.dynamic_update_slice` per leaf (no scatter).
+
+Writing follows a small protocol that callers use without knowing the layout:
+`plan = cache.plan_write(positions)` decides where the new tokens go and which are stored;
+each layer calls `layer.write(k, v, plan)` and `layer.read(span)`; attention masks with
+`plan.key_positions(span)`; `cache.commit(plan, layers)` returns the new cache. A ring buffer
+with attention sinks, int8 storage with scales, or a paged pool changes this module only.
+
+A token is stored only where its position is >= 0 and the whole write fits in the capacity;
+otherwise its slot keeps its old contents. Nothing is ever written out of range (which
+`dynamic_update_slice` would silently clamp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxkv.config import ModelConfig
+
+Array = jax.Array
+
+
+def _write_slots(buf: Array, new: Array, index: Array, valid: Array) -> Array:
+    """Write `new` ([B, S, ...]) into `buf` ([B, C, ...]) at slots [index, index + S), keeping the
+    old contents where `valid` ([B, S]) is False."""
+    s = new.shape[1]
+    old = lax.dynamic_slice_in_dim(buf, index, s, axis=1)
+    mask = valid.reshape(valid.shape + (1,) * (new.ndim - 2))
+    return lax.dynamic_update_slice_in_dim(
+        buf, jnp.where(mask, new.astype(buf.dtype), old), index, axis=1
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerKV:
+    """Keys and values of one layer: `[batch, capacity, n_kv_heads, head_dim]` each."""
+
+    k: Array
+    v: Array
+
+    def write(self, k_new: Array, v_new: Array, plan: WritePlan) -> LayerKV:
+        """Store this layer's new keys and values (`[B, S, n_kv_heads, head_dim]`)."""
+        return LayerKV(
+            k=_write_slots(self.k, k_new, plan.index, plan.valid),
+            v=_write_slots(self.v, v_new, plan.index, plan.valid),
+        )
+
+    def read(self, span: int) -> tuple[Array, Array]:
+        """Keys and values of the first `span` slots, for attention."""
+        if span == self.k.shape[1]:
+            return self.k, self.v
+        return self.k[:, :span], self.v[:, :span]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class WritePlan:
+    """Where a write of S new tokens per row goes.
+
+    index: first slot written (int32 scalar).
+    valid: bool [B, S], which new tokens are stored.
+    slot_positions: int32 [B, capacity], the cache's position table after the write.
+    """
+
+    index: Array
+    valid: Array
+    slot_positions: Array
+
+    def key_positions(self, span: int) -> Array:
+        """Positions of the first `span` slots after the write (-1: empty), for masking."""
+        return self.slot_positions[:, :span]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Explicit KV cache state. See the module docstring for the layout."""
+
+    layers: tuple[LayerKV, ...]
+    positions: Array
+    lengths: Array
+    index: Array
+
+    @classmethod
+    def init(
+        cls, config: ModelConfig, batch_size: int, capacity: int, dtype: Any = None
+    ) -> KVCache:
+        """An empty cache for `batch_size` rows of up to `capacity` tokens each."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        dtype = jnp.dtype(dtype or config.dtype)
+        shape = (batch_size, capacity, config.n_kv_heads, config.head_dim)
+        layers = tuple(
+            LayerKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+            for _ in range(config.n_layers)
+        )
+        return cls(
+            layers=layers,
+            positions=jnp.full((batch_size, capacity), -1, jnp.int32),
+            lengths=jnp.zeros((batch_size,), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def plan_write(self, positions: Array) -> WritePlan:
+        """Plan the write of S new tokens per row at slots [index, index + S).
+
+        `positions` is int32 [B, S]: each new token's sequence position, or -1 for a token that
+        must not be stored (padding, or a row that has stopped). If the write does not fit in
+        the capacity, nothing is stored.
+        """
+        s = positions.shape[1]
+        fits = self.index + s <= self.capacity
+        valid = (positions >= 0) & fits
+        old = lax.dynamic_slice_in_dim(self.positions, self.index, s, axis=1)
+        new = jnp.where(valid, positions.astype(jnp.int32), old)
+        table = lax.dynamic_update_slice_in_dim(self.positions, new, self.index, axis=1)
+        return WritePlan(index=self.index, valid=valid, slot_positions=table)
+
+    def commit(self, plan: WritePlan, layers: tuple[LayerKV, ...]) -> KVCache:
+        """The cache after `plan`, with the layers each layer wrote.
+
+        `index` moves past the last column in which any row stored a token, so a step in which
+        no row stores anything leaves the cache unchanged.
+        """
+        s = plan.valid.shape[1]
+        cols = jnp.arange(1, s + 1, dtype=jnp.int32)
+        used = jnp.max(jnp.where(plan.valid, cols[None, :], 0))
+        return KVCache(
+            layers=tuple(layers),
+            positions=plan.slot_positions,
+            lengths=self.lengths + jnp.sum(plan.valid, axis=1, dtype=jnp.int32),
+            index=self.index + used,
+        )
+
+    def check_compatible(self, config: ModelConfig, batch_size: int | None = None) -> None:
+        """Raise ValueError if this cache cannot serve `config` (and `batch_size`)."""
+        if self.n_layers != config.n_layers:
+            raise ValueError(
+                f"cache has {self.n_layers} layers but the config has n_layers={config.n_layers}"
+            )
+        want = (self.batch_size, self.capacity, config.n_kv_heads, config.head_dim)
+        for i, layer in enumerate(self.layers):
+            for name, arr in (("k", layer.k), ("v", layer.v)):
+                if tuple(arr.shape) != want:
+                    raise ValueError(
+                        f"cache layer {i} {name} has shape {tuple(arr.shape)}, but the config "
+                        f"needs (batch, capacity, n_kv_heads={config.n_kv_heads}, "
+                        f"head_dim={config.head_dim}) = {want}"
+                    )
+        if batch_size is not None and batch_size != self.batch_size:
+            raise ValueError(
+                f"cache was built for batch size {self.batch_size}, got {batch_size} rows"
+            )
+
+
+def cache_memory_bytes(
+    config: ModelConfig, batch_size: int, capacity: int, dtype: Any = None
+) -> int:
+    """Bytes a `KVCache` of this size occupies: K and V of every layer, plus the int32
+    position table and lengths. K/V alone is 2 * layers * batch * capacity * kv_heads *
+    head_dim * itemsize."""
+    itemsize = np.dtype(jnp.dtype(dtype or config.dtype)).itemsize
+    kv = 2 * config.n_layers * batch_size * capacity * config.n_kv_heads * config.head_dim
+    return kv * itemsize + 4 * batch_size * capacity + 4 * batch_size + 4

@@ -1,0 +1,207 @@
+"""Model configuration: one frozen, hashable dataclass that describes every supported model.
+
+`ModelConfig` is passed to jitted functions as a static argument, so it must stay hashable
+(only ints, floats, strings, bools and None). Architecture families (Llama, Mistral, Qwen2,
+GPT-2) are combinations of its options, never separate model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+Norm = Literal["rms", "layer"]
+Mlp = Literal["swiglu", "gelu"]
+PositionKind = Literal["rope", "learned"]
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and options of a decoder-only transformer.
+
+    Attributes:
+        vocab_size: number of token ids.
+        d_model: width of the residual stream.
+        n_layers: number of transformer blocks.
+        n_heads: number of query heads.
+        n_kv_heads: number of key/value heads (None: same as n_heads). n_kv_heads == n_heads is
+            multi-head attention, 1 is multi-query, anything between is grouped-query.
+        ffn_dim: hidden width of the MLP.
+        head_dim: width of one head (None: d_model // n_heads).
+        max_seq_len: the longest sequence the model supports (learned position tables have
+            exactly this many rows).
+        norm: "rms" (RMSNorm, no bias) or "layer" (LayerNorm with bias).
+        norm_eps: epsilon of the norms.
+        mlp: "swiglu" (gate/up/down, SiLU) or "gelu" (up/down, tanh-approximated GELU).
+        position: "rope" (rotary, split-half layout) or "learned" (absolute table).
+        rope_theta: rotary base frequency.
+        qkv_bias / out_bias / mlp_bias: biases on the q/k/v, output and MLP projections.
+        tie_embeddings: the output projection is the transposed token embedding.
+        sliding_window: if set, a query attends only to the last `sliding_window` positions
+            (itself included), as in Mistral.
+        dtype: dtype of activations and of the KV cache.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_dim: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_seq_len: int = 2048
+    norm: Norm = "rms"
+    norm_eps: float = 1e-5
+    mlp: Mlp = "swiglu"
+    position: PositionKind = "rope"
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.n_heads <= 0 or self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "give head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.position not in ("rope", "learned"):
+            raise ValueError(f"position must be 'rope' or 'learned', got {self.position!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads that share one KV head (the GQA group size)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def jnp_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed. n_kv_heads and head_dim keep their resolved values
+        unless given."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def param_count(self) -> int:
+        """Number of parameters of a model with this config (computed from the shapes)."""
+        d, f, hd = self.d_model, self.ffn_dim, self.head_dim
+        attn = d * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * d
+        if self.qkv_bias:
+            attn += (self.n_heads + 2 * self.n_kv_heads) * hd
+        if self.out_bias:
+            attn += d
+        n_in = 2 if self.mlp == "swiglu" else 1
+        mlp = d * n_in * f + f * d + ((n_in * f + d) if self.mlp_bias else 0)
+        norm = d if self.norm == "rms" else 2 * d
+        per_layer = attn + mlp + 2 * norm
+        total = self.n_layers * per_layer + norm + self.vocab_size * d
+        if not self.tie_embeddings:
+            total += d * self.vocab_size
+        if self.position == "learned":
+            total += self.max_seq_len * d
+        return total
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tiny configs for tests and CPU benchmarks.
+    "test-mha": ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, ffn_dim=128),
+    "test-gqa": ModelConfig(
+        vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128
+    ),
+    "test-mqa": ModelConfig(
+        vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=128
+    ),
+    # ~3M parameters (the CPU benchmark's small config).
+    "llama-3m": ModelConfig(
+        vocab_size=512,
+        d_model=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_dim=768,
+        max_seq_len=32768,
+    ),
+    # ~110M parameters (the CPU benchmark's large config).
+    "llama-110m": ModelConfig(
+        vocab_size=32000,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        ffn_dim=2048,
+        max_seq_len=32768,
+    ),
+    # TinyLlama-1.1B shape.
+    "llama-1b": ModelConfig(
+        vocab_size=32000,
+        d_model=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        ffn_dim=5632,
+        max_seq_len=8192,
+        dtype="bfloat16",
+    ),
+    # Mistral-7B shape.
+    "llama-7b": ModelConfig(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim=14336,
+        max_seq_len=8192,
+        dtype="bfloat16",
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A named config from PRESETS."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,87 @@
+"""Building blocks without attention: norms, rotary embeddings and the MLP.
+
+Parameters are created with `self.param`, so a model's params are a plain nested dict.
+Matrices are stored input-dim first (`x @ w`), and the MLP's input projections are fused
+into one `wi` of shape [d_model, n, ffn_dim] (n = 2 for SwiGLU's gate and up, 1 for GELU),
+which reads the weights in one matmul.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxkv.config import ModelConfig
+
+Array = jax.Array
+_init = nn.initializers.normal(stddev=0.02)
+
+
+class Norm(nn.Module):
+    """RMSNorm (`config.norm == "rms"`) or LayerNorm with bias (`"layer"`), computed in
+    float32 and returned in the input dtype."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        d = x.shape[-1]
+        h = x.astype(jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        if cfg.norm == "rms":
+            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + cfg.norm_eps)
+            return (h * scale.astype(jnp.float32)).astype(x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        return (h * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> Array:
+    """Inverse frequencies theta^(-2i/head_dim) for i < head_dim/2, in float32."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / (theta**exponents)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding in the split-half layout (as Hugging Face Llama's `rotate_half`).
+
+    x: [B, S, ..., head_dim]; positions: int [B, S]. Dimension i is rotated with i + head_dim/2
+    by the angle position * theta^(-2i/head_dim). Computed in float32.
+    """
+    half = x.shape[-1] // 2
+    freqs = rope_frequencies(x.shape[-1], theta)
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, S, half]
+    angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + (half,))
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Mlp(nn.Module):
+    """SwiGLU (down(silu(gate(x)) * up(x))) or GELU (down(gelu_tanh(up(x)))) MLP."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        n_in = 2 if cfg.mlp == "swiglu" else 1
+        wi = self.param("wi", _init, (cfg.d_model, n_in, cfg.ffn_dim), jnp.float32)
+        wo = self.param("wo", _init, (cfg.ffn_dim, cfg.d_model), jnp.float32)
+        h = jnp.einsum("bsd,dnf->bsnf", x, wi.astype(x.dtype))
+        if cfg.mlp_bias:
+            h = h + self.param("bi", nn.initializers.zeros, (n_in, cfg.ffn_dim)).astype(x.dtype)
+        if cfg.mlp == "swiglu":
+            h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+        else:
+            h = jax.nn.gelu(h[:, :, 0], approximate=True)
+        out = jnp.einsum("bsf,fd->bsd", h, wo.astype(x.dtype))
+        if cfg.mlp_bias:
+            out = out + self.param("bo", nn.initializers.zeros, (cfg.d_model,)).astype(x.dtype)
+        return out
