@@ -79,8 +79,8 @@ class Attention(nn.Module):
             h = h + bias.astype(x.dtype)
         q, k, v = h[:, :, :, :g], h[:, :, :, g], h[:, :, :, g + 1]
         if cfg.position == "rope":
-            q = apply_rope(q, positions, cfg.rope_theta)
-            k = apply_rope(k, positions, cfg.rope_theta)
+            q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+            k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
         if kv is None:
             keys, values, k_pos = k, v, positions
         else:

@@ -18,6 +18,30 @@ Mlp = Literal["swiglu", "gelu"]
 PositionKind = Literal["rope", "learned"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_ROPE_KINDS = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling for long context.
+
+    kind "linear": every frequency divided by `factor` (positions stretched).
+    kind "llama3": Llama 3.1's scheme: low frequencies divided by `factor`, high ones kept,
+    the band between interpolated, with wavelength bounds original_max_position /
+    low_freq_factor and original_max_position / high_freq_factor.
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in _ROPE_KINDS:
+            raise ValueError(f"rope scaling kind must be one of {_ROPE_KINDS}, got {self.kind!r}")
+        if not self.factor > 0:
+            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +64,7 @@ class ModelConfig:
         mlp: "swiglu" (gate/up/down, SiLU) or "gelu" (up/down, tanh-approximated GELU).
         position: "rope" (rotary, split-half layout) or "learned" (absolute table).
         rope_theta: rotary base frequency.
+        rope_scaling: optional `RopeScaling` of the rotary frequencies.
         qkv_bias / out_bias / mlp_bias: biases on the q/k/v, output and MLP projections.
         tie_embeddings: the output projection is the transposed token embedding.
         sliding_window: if set, a query attends only to the last `sliding_window` positions
@@ -60,6 +85,7 @@ class ModelConfig:
     mlp: Mlp = "swiglu"
     position: PositionKind = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
@@ -95,6 +121,8 @@ class ModelConfig:
             raise ValueError(f"position must be 'rope' or 'learned', got {self.position!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
 

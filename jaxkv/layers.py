@@ -11,8 +11,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxkv.config import ModelConfig
+from jaxkv.config import ModelConfig, RopeScaling
 
 Array = jax.Array
 _init = nn.initializers.normal(stddev=0.02)
@@ -40,20 +41,38 @@ class Norm(nn.Module):
         return (h * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float) -> Array:
-    """Inverse frequencies theta^(-2i/head_dim) for i < head_dim/2, in float32."""
-    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    return 1.0 / (theta**exponents)
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> Array:
+    """Inverse frequencies theta^(-2i/head_dim) for i < head_dim/2, in float32, optionally
+    rescaled (see `RopeScaling`)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    freqs = 1.0 / (theta**exponents)
+    if scaling is not None and scaling.kind == "linear":
+        freqs = freqs / scaling.factor
+    elif scaling is not None and scaling.kind == "llama3":
+        old = scaling.original_max_position
+        low_wavelen = old / scaling.low_freq_factor
+        high_wavelen = old / scaling.high_freq_factor
+        wavelen = 2 * np.pi / freqs
+        scaled = np.where(wavelen > low_wavelen, freqs / scaling.factor, freqs)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        freqs = np.where(medium, smoothed, scaled)
+    return jnp.asarray(freqs, jnp.float32)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def apply_rope(
+    x: Array, positions: Array, theta: float, scaling: RopeScaling | None = None
+) -> Array:
     """Rotary embedding in the split-half layout (as Hugging Face Llama's `rotate_half`).
 
     x: [B, S, ..., head_dim]; positions: int [B, S]. Dimension i is rotated with i + head_dim/2
     by the angle position * theta^(-2i/head_dim). Computed in float32.
     """
     half = x.shape[-1] // 2
-    freqs = rope_frequencies(x.shape[-1], theta)
+    freqs = rope_frequencies(x.shape[-1], theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, S, half]
     angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + (half,))
     cos, sin = jnp.cos(angles), jnp.sin(angles)

@@ -1,0 +1,597 @@
+"""Hugging Face checkpoints: config.json + *.safetensors in, and out.
+
+`load_pretrained(path)` reads a local directory (one `model.safetensors`, or shards listed in
+`model.safetensors.index.json`), maps Hugging Face weight names to jaxkv's param tree, transposes
+and fuses where jaxkv's layout differs (q/k/v into one `qkv`, gate/up into one `wi`), and
+checks every tensor's shape against the config. `save_pretrained` writes the same format, so a
+jaxkv model opens in transformers and comes back unchanged. Nothing here touches the network.
+
+Supported `model_type`s: llama, mistral, qwen2 (one code path: RMSNorm, RoPE, SwiGLU) and
+gpt2 (LayerNorm, learned positions, GELU, biases everywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.config import ModelConfig, RopeScaling
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# Buffers some checkpoints carry that hold no parameters.
+_IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
+
+Params = dict[str, Any]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as the config says."""
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    params = hf.get("rope_parameters") or {}
+    theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    scaling = hf.get("rope_scaling") or (params if params.get("rope_type") else None)
+    if not scaling:
+        return theta, None
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind in (None, "default"):
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling("linear", float(scaling["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling(
+            "llama3",
+            float(scaling["factor"]),
+            float(scaling["low_freq_factor"]),
+            float(scaling["high_freq_factor"]),
+            int(scaling["original_max_position_embeddings"]),
+        )
+    raise CheckpointError(f"rope scaling type {kind!r} is not supported (only linear, llama3)")
+
+
+def _sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
+    layer_types = set(hf.get("layer_types") or [])
+    if len(layer_types) > 1:
+        raise CheckpointError(
+            f"per-layer attention types {sorted(layer_types)} are not supported; jaxkv applies "
+            "one sliding window (or none) to every layer"
+        )
+    if model_type == "mistral":
+        return hf.get("sliding_window")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        if hf.get("max_window_layers", 0) > 0 and layer_types != {"sliding_attention"}:
+            raise CheckpointError(
+                "qwen2 with use_sliding_window and max_window_layers > 0 windows only some "
+                "layers, which jaxkv does not support"
+            )
+        return hf.get("sliding_window")
+    return None
+
+
+def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json dict."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if model_type == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _TANH_GELUS:
+            raise CheckpointError(f"gpt2 activation {act!r} is not supported ({_TANH_GELUS})")
+        if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+            raise CheckpointError(
+                "gpt2 attention scaling options other than 1/sqrt(d) are not supported"
+            )
+        d = hf["n_embd"]
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            d_model=d,
+            n_layers=hf["n_layer"],
+            n_heads=hf["n_head"],
+            ffn_dim=hf.get("n_inner") or 4 * d,
+            max_seq_len=hf["n_positions"],
+            norm="layer",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            mlp="gelu",
+            position="learned",
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            dtype=dtype,
+        )
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{model_type} hidden_act {act!r} is not supported (only silu)")
+    theta, scaling = _rope_from_hf(hf)
+    attention_bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        ffn_dim=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        out_bias=model_type == "llama" and attention_bias,
+        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=_sliding_window(hf, model_type),
+        dtype=dtype,
+    )
+
+
+def hf_model_type(config: ModelConfig) -> str:
+    """The Hugging Face model_type that expresses `config`, or CheckpointError."""
+    if config.norm == "layer" or config.mlp == "gelu" or config.position == "learned":
+        ok = (config.norm, config.mlp, config.position) == ("layer", "gelu", "learned") and (
+            config.qkv_bias
+            and config.out_bias
+            and config.mlp_bias
+            and config.n_kv_heads == config.n_heads
+            and config.sliding_window is None
+            and config.n_heads * config.head_dim == config.d_model
+        )
+        if not ok:
+            raise CheckpointError(f"no Hugging Face model type expresses {config}")
+        return "gpt2"
+    if config.sliding_window is not None:
+        if config.qkv_bias or config.out_bias or config.mlp_bias:
+            raise CheckpointError("a sliding window with biases has no Hugging Face model type")
+        return "mistral"
+    if config.qkv_bias and not config.out_bias and not config.mlp_bias:
+        return "qwen2"
+    if config.qkv_bias != config.out_bias:
+        raise CheckpointError("llama needs qkv_bias == out_bias (attention_bias)")
+    return "llama"
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """A Hugging Face config.json dict for `config`."""
+    model_type = hf_model_type(config)
+    torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+    common = {
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "tie_word_embeddings": config.tie_embeddings,
+        "dtype": torch_dtype[config.dtype],
+    }
+    if model_type == "gpt2":
+        return {
+            **common,
+            "architectures": ["GPT2LMHeadModel"],
+            "n_embd": config.d_model,
+            "n_layer": config.n_layers,
+            "n_head": config.n_heads,
+            "n_inner": config.ffn_dim,
+            "n_positions": config.max_seq_len,
+            "layer_norm_epsilon": config.norm_eps,
+            "activation_function": "gelu_new",
+        }
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }[model_type]
+    out = {
+        **common,
+        "architectures": [arch],
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.ffn_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "hidden_act": "silu",
+        "rope_theta": config.rope_theta,
+    }
+    if config.rope_scaling is not None:
+        rs = config.rope_scaling
+        out["rope_scaling"] = {"rope_type": rs.kind, "factor": rs.factor}
+        if rs.kind == "llama3":
+            out["rope_scaling"].update(
+                low_freq_factor=rs.low_freq_factor,
+                high_freq_factor=rs.high_freq_factor,
+                original_max_position_embeddings=rs.original_max_position,
+            )
+    if model_type == "llama":
+        out.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    if model_type == "mistral":
+        out["sliding_window"] = config.sliding_window
+    if model_type == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None)
+    return out
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class _Reader:
+    """Reads named tensors from safetensors shards, checking shapes and tracking use."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files  # tensor name -> file
+        self.used: set[str] = set()
+        self._handles: dict[Path, Any] = {}
+
+    def _open(self, path: Path) -> Any:
+        from safetensors import safe_open
+
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="np")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"cannot read {path}: {e}") from e
+        return self._handles[path]
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.files:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+        handle = self._open(self.files[name])
+        try:
+            got = tuple(handle.get_slice(name).get_shape())
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read tensor {name!r} from {self.files[name]}: {e}"
+            ) from e
+        if got != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {got}, but the config needs {tuple(shape)}"
+            )
+        try:
+            arr = handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read tensor {name!r} from {self.files[name]}: {e}"
+            ) from e
+        self.used.add(name)
+        return np.asarray(arr)
+
+    def leftover(self) -> list[str]:
+        return sorted(
+            n for n in self.files if n not in self.used and not n.endswith(_IGNORED_SUFFIXES)
+        )
+
+
+def _llama_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor shapes of one llama-like layer (relative names)."""
+    d, hd, h, kv, f = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
+    shapes = {
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (h * hd, d),
+        "self_attn.k_proj.weight": (kv * hd, d),
+        "self_attn.v_proj.weight": (kv * hd, d),
+        "self_attn.o_proj.weight": (d, h * hd),
+        "mlp.gate_proj.weight": (f, d),
+        "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
+    }
+    if cfg.qkv_bias:
+        shapes.update(
+            {
+                "self_attn.q_proj.bias": (h * hd,),
+                "self_attn.k_proj.bias": (kv * hd,),
+                "self_attn.v_proj.bias": (kv * hd,),
+            }
+        )
+    if cfg.out_bias:
+        shapes["self_attn.o_proj.bias"] = (d,)
+    if cfg.mlp_bias:
+        shapes.update(
+            {"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)}
+        )
+    return shapes
+
+
+def _llama_to_params(get: Callable[[str, tuple[int, ...]], np.ndarray], cfg: ModelConfig) -> Params:
+    d, hd, kv, g = cfg.d_model, cfg.head_dim, cfg.n_kv_heads, cfg.q_per_kv
+    shapes = _llama_layout(cfg)
+    params: Params = {
+        "embed": get("model.embed_tokens.weight", (cfg.vocab_size, d)),
+        "final_norm": {"scale": get("model.norm.weight", (d,))},
+    }
+    for i in range(cfg.n_layers):
+        t = {k: get(f"model.layers.{i}.{k}", s) for k, s in shapes.items()}
+        q = t["self_attn.q_proj.weight"].T.reshape(d, kv, g, hd)
+        k = t["self_attn.k_proj.weight"].T.reshape(d, kv, 1, hd)
+        v = t["self_attn.v_proj.weight"].T.reshape(d, kv, 1, hd)
+        attn = {
+            "qkv": np.concatenate([q, k, v], axis=2),
+            "o": t["self_attn.o_proj.weight"].T.reshape(kv, g, hd, d),
+        }
+        if cfg.qkv_bias:
+            attn["qkv_bias"] = np.concatenate(
+                [
+                    t["self_attn.q_proj.bias"].reshape(kv, g, hd),
+                    t["self_attn.k_proj.bias"].reshape(kv, 1, hd),
+                    t["self_attn.v_proj.bias"].reshape(kv, 1, hd),
+                ],
+                axis=1,
+            )
+        if cfg.out_bias:
+            attn["o_bias"] = t["self_attn.o_proj.bias"]
+        mlp = {
+            "wi": np.stack([t["mlp.gate_proj.weight"].T, t["mlp.up_proj.weight"].T], 1),
+            "wo": t["mlp.down_proj.weight"].T,
+        }
+        if cfg.mlp_bias:
+            mlp["bi"] = np.stack([t["mlp.gate_proj.bias"], t["mlp.up_proj.bias"]])
+            mlp["bo"] = t["mlp.down_proj.bias"]
+        params[f"layers_{i}"] = {
+            "attn_norm": {"scale": t["input_layernorm.weight"]},
+            "mlp_norm": {"scale": t["post_attention_layernorm.weight"]},
+            "attn": attn,
+            "mlp": mlp,
+        }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = get("lm_head.weight", (cfg.vocab_size, d)).T
+    return params
+
+
+def _llama_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    d, g = cfg.d_model, cfg.q_per_kv
+    out = {
+        "model.embed_tokens.weight": params["embed"],
+        "model.norm.weight": params["final_norm"]["scale"],
+    }
+    for i in range(cfg.n_layers):
+        p, pre = params[f"layers_{i}"], f"model.layers.{i}."
+        qkv = p["attn"]["qkv"]
+        out[pre + "self_attn.q_proj.weight"] = qkv[:, :, :g].reshape(d, -1).T
+        out[pre + "self_attn.k_proj.weight"] = qkv[:, :, g].reshape(d, -1).T
+        out[pre + "self_attn.v_proj.weight"] = qkv[:, :, g + 1].reshape(d, -1).T
+        out[pre + "self_attn.o_proj.weight"] = p["attn"]["o"].reshape(-1, d).T
+        if cfg.qkv_bias:
+            b = p["attn"]["qkv_bias"]
+            out[pre + "self_attn.q_proj.bias"] = b[:, :g].reshape(-1)
+            out[pre + "self_attn.k_proj.bias"] = b[:, g].reshape(-1)
+            out[pre + "self_attn.v_proj.bias"] = b[:, g + 1].reshape(-1)
+        if cfg.out_bias:
+            out[pre + "self_attn.o_proj.bias"] = p["attn"]["o_bias"]
+        out[pre + "mlp.gate_proj.weight"] = p["mlp"]["wi"][:, 0].T
+        out[pre + "mlp.up_proj.weight"] = p["mlp"]["wi"][:, 1].T
+        out[pre + "mlp.down_proj.weight"] = p["mlp"]["wo"].T
+        if cfg.mlp_bias:
+            out[pre + "mlp.gate_proj.bias"] = p["mlp"]["bi"][0]
+            out[pre + "mlp.up_proj.bias"] = p["mlp"]["bi"][1]
+            out[pre + "mlp.down_proj.bias"] = p["mlp"]["bo"]
+        out[pre + "input_layernorm.weight"] = p["attn_norm"]["scale"]
+        out[pre + "post_attention_layernorm.weight"] = p["mlp_norm"]["scale"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = params["lm_head"].T
+    return out
+
+
+def _gpt2_prefix(reader: _Reader) -> str:
+    return "transformer." if reader.has("transformer.wte.weight") else ""
+
+
+def _gpt2_to_params(
+    get: Callable[[str, tuple[int, ...]], np.ndarray], cfg: ModelConfig, pre: str
+) -> Params:
+    d, f, h, hd = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.head_dim
+
+    def norm(name: str) -> dict[str, np.ndarray]:
+        return {"scale": get(f"{name}.weight", (d,)), "bias": get(f"{name}.bias", (d,))}
+
+    params: Params = {
+        "embed": get(pre + "wte.weight", (cfg.vocab_size, d)),
+        "pos_embed": get(pre + "wpe.weight", (cfg.max_seq_len, d)),
+        "final_norm": norm(pre + "ln_f"),
+    }
+    for i in range(cfg.n_layers):
+        b = f"{pre}h.{i}."
+        w = get(b + "attn.c_attn.weight", (d, 3 * d)).reshape(d, 3, h, hd)
+        bias = get(b + "attn.c_attn.bias", (3 * d,)).reshape(3, h, hd)
+        params[f"layers_{i}"] = {
+            "attn_norm": norm(b + "ln_1"),
+            "mlp_norm": norm(b + "ln_2"),
+            "attn": {
+                "qkv": w.transpose(0, 2, 1, 3),
+                "qkv_bias": bias.transpose(1, 0, 2),
+                "o": get(b + "attn.c_proj.weight", (d, d)).reshape(h, 1, hd, d),
+                "o_bias": get(b + "attn.c_proj.bias", (d,)),
+            },
+            "mlp": {
+                "wi": get(b + "mlp.c_fc.weight", (d, f))[:, None],
+                "bi": get(b + "mlp.c_fc.bias", (f,))[None],
+                "wo": get(b + "mlp.c_proj.weight", (f, d)),
+                "bo": get(b + "mlp.c_proj.bias", (d,)),
+            },
+        }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = get("lm_head.weight", (cfg.vocab_size, d)).T
+    return params
+
+
+def _gpt2_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    d = cfg.d_model
+    out = {
+        "transformer.wte.weight": params["embed"],
+        "transformer.wpe.weight": params["pos_embed"],
+        "transformer.ln_f.weight": params["final_norm"]["scale"],
+        "transformer.ln_f.bias": params["final_norm"]["bias"],
+    }
+    for i in range(cfg.n_layers):
+        p, b = params[f"layers_{i}"], f"transformer.h.{i}."
+        out[b + "ln_1.weight"], out[b + "ln_1.bias"] = (
+            p["attn_norm"]["scale"],
+            p["attn_norm"]["bias"],
+        )
+        out[b + "ln_2.weight"], out[b + "ln_2.bias"] = (
+            p["mlp_norm"]["scale"],
+            p["mlp_norm"]["bias"],
+        )
+        out[b + "attn.c_attn.weight"] = p["attn"]["qkv"].transpose(0, 2, 1, 3).reshape(d, 3 * d)
+        out[b + "attn.c_attn.bias"] = p["attn"]["qkv_bias"].transpose(1, 0, 2).reshape(-1)
+        out[b + "attn.c_proj.weight"] = p["attn"]["o"].reshape(d, d)
+        out[b + "attn.c_proj.bias"] = p["attn"]["o_bias"]
+        out[b + "mlp.c_fc.weight"] = p["mlp"]["wi"][:, 0]
+        out[b + "mlp.c_fc.bias"] = p["mlp"]["bi"][0]
+        out[b + "mlp.c_proj.weight"] = p["mlp"]["wo"]
+        out[b + "mlp.c_proj.bias"] = p["mlp"]["bo"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = params["lm_head"].T
+    return out
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the shard index or the single file."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        files = {name: path / fname for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{f} is listed in {index.name} but missing")
+        return files
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(
+            f"{path} has neither model.safetensors nor model.safetensors.index.json"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(single), framework="np") as f:
+            names = list(f.keys())
+    except Exception as e:
+        raise CheckpointError(f"cannot read {single}: {e}") from e
+    return dict.fromkeys(names, single)
+
+
+def _default_dtype(hf: dict[str, Any]) -> str:
+    stored = hf.get("dtype") or hf.get("torch_dtype")
+    return stored if stored in ("float32", "bfloat16", "float16") else "float32"
+
+
+def load_pretrained(path: str | os.PathLike[str], dtype: Any = None) -> tuple[ModelConfig, Params]:
+    """Load a Hugging Face checkpoint directory: returns (config, params).
+
+    dtype: the params' and activations' dtype (default: the dtype config.json records, else
+    float32). Raises CheckpointError (a ValueError) naming the file or tensor at fault.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    hf = _read_json(path / "config.json")
+    dtype = str(jnp.dtype(dtype)) if dtype is not None else _default_dtype(hf)
+    config = config_from_hf(hf, dtype=dtype)
+    reader = _Reader(_weight_files(path))
+    if hf["model_type"] == "gpt2":
+        params = _gpt2_to_params(reader.get, config, _gpt2_prefix(reader))
+    else:
+        params = _llama_to_params(reader.get, config)
+    leftover = reader.leftover()
+    if config.tie_embeddings:  # some tied checkpoints also store the (identical) head
+        leftover = [n for n in leftover if n != "lm_head.weight"]
+    if leftover:
+        raise CheckpointError(
+            f"{len(leftover)} tensors in {path} have no place in a {hf['model_type']} model: "
+            f"{leftover[:5]}"
+        )
+    params = _tree_map(lambda a: jnp.asarray(a, dtype=dtype), params)
+    return config, params
+
+
+def _tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    return fn(tree)
+
+
+def _iter_shards(tensors: dict[str, np.ndarray], max_bytes: int) -> Iterator[dict]:
+    shard: dict[str, np.ndarray] = {}
+    size = 0
+    for name in sorted(tensors):
+        n = tensors[name].nbytes
+        if shard and size + n > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensors[name]
+        size += n
+    if shard:
+        yield shard
+
+
+def save_pretrained(
+    params: Params,
+    config: ModelConfig,
+    path: str | os.PathLike[str],
+    *,
+    extra_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write params and config as a Hugging Face checkpoint directory (config.json plus
+    model.safetensors, or shards with an index beyond `max_shard_bytes`).
+
+    Tensors are stored in the params' dtype. `extra_config` entries (e.g. eos_token_id) are
+    added to config.json.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf = config_to_hf(config)
+    hf.update(extra_config or {})
+    host = _tree_map(np.asarray, params)
+    if hf["model_type"] == "gpt2":
+        tensors = _gpt2_from_params(host, config)
+    else:
+        tensors = _llama_from_params(host, config)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    shards = list(_iter_shards(tensors, max_shard_bytes))
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / fname), metadata=meta)
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(v.nbytes for v in tensors.values())
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+    return path
