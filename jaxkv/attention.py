@@ -18,6 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkv.cache import LayerKV, WritePlan
 from jaxkv.config import ModelConfig
@@ -25,6 +26,9 @@ from jaxkv.layers import apply_rope
 
 Array = jax.Array
 _init = nn.initializers.normal(stddev=0.02)
+# Decode attention (one query per row) as multiply-reduce (True) or as dots (False). Only the
+# benchmarks change it, to measure one form against the other.
+DECODE_BY_REDUCTION = True
 # Masked scores are replaced (not offset) by this: finite, so a query that sees no key at all
 # (a padding slot) gets a uniform average instead of NaN.
 _MASKED = -1e30
@@ -41,19 +45,56 @@ def attention_mask(q_pos: Array, k_pos: Array, window: int | None) -> Array:
 
 
 def attend(
-    q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, window: int | None = None
+    q: Array,
+    q_pos: Array,
+    parts: list[tuple[Array, Array, Array]],
+    window: int | None = None,
 ) -> Array:
-    """Grouped-query attention.
+    """Grouped-query attention of q over one or more parts of keys and values.
 
-    q: [B, S, n_kv_heads, q_per_kv, head_dim]; k, v: [B, T, n_kv_heads, head_dim];
-    q_pos: [B, S]; k_pos: [B, T]. Scores and softmax in float32. Returns q's shape.
+    q: [B, S, n_kv_heads, q_per_kv, head_dim]; q_pos: [B, S]; each part is (k, v, k_pos) with
+    k, v: [B, T, n_kv_heads, head_dim] and k_pos: [B, T]. One softmax runs over the scores of
+    all parts (float32). With a cache the parts are the stored keys (read before this step's
+    write) and the new tokens' own keys, so attention never reads the buffer being updated:
+    XLA can then write it in place.
     """
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32)
-    mask = attention_mask(q_pos, k_pos, window)[:, None, None]
-    scores = jnp.where(mask, scores * scale, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bngst,btnh->bsngh", probs.astype(v.dtype), v)
+    one = q.shape[1] == 1 and DECODE_BY_REDUCTION
+    scores, masks = [], []
+    for k, _, k_pos in parts:
+        if one:  # [B, T, N, G] by multiply-reduce (see _scores_one)
+            scores.append(_scores_one(q, k))
+            masks.append(attention_mask(q_pos, k_pos, window)[:, 0, :, None, None])
+        else:  # [B, N, G, S, T]
+            scores.append(jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32))
+            masks.append(attention_mask(q_pos, k_pos, window)[:, None, None])
+    axis = 1 if one else -1
+    sizes = [s.shape[axis] for s in scores]
+    all_scores = jnp.concatenate(scores, axis=axis) if len(scores) > 1 else scores[0]
+    mask = jnp.concatenate(masks, axis=axis) if len(masks) > 1 else masks[0]
+    probs = jax.nn.softmax(jnp.where(mask, all_scores * scale, _MASKED), axis=axis)
+    out = None
+    for (_, v, _), p in zip(parts, jnp.split(probs, np.cumsum(sizes)[:-1], axis=axis), strict=True):
+        if one:  # sum_t p[b, t, n, g] v[b, t, n, h]
+            o = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
+            o = o[:, None]
+        else:
+            o = jnp.einsum(
+                "bngst,btnh->bsngh", p.astype(v.dtype), v, preferred_element_type=jnp.float32
+            )
+        out = o if out is None else out + o
+    return out.astype(q.dtype)
+
+
+def _scores_one(q: Array, k: Array) -> Array:
+    """q . k for one query per row, as broadcast-multiply-reduce instead of a dot: [B, T, N, G].
+
+    With one query the products are matrix-vector work bound by reading K. Written as a
+    reduction, XLA fuses the read of the cache (and its slice to the span) into one pass,
+    where a dot would first copy the sliced K into a gemm-friendly layout.
+    """
+    qf = q[:, 0].astype(jnp.float32)  # [B, N, G, H]
+    return jnp.sum(qf[:, None] * k[:, :, :, None, :].astype(jnp.float32), axis=-1)
 
 
 class Attention(nn.Module):
@@ -81,14 +122,14 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
             k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
-        if kv is None:
-            keys, values, k_pos = k, v, positions
-        else:
+        parts = [(k, v, positions)]  # the new tokens see each other (causally)
+        if kv is not None:
             span = kv.k.shape[1] if span is None else span
-            kv = kv.write(k, v, plan)
-            keys, values = kv.read(span)
-            k_pos = plan.key_positions(span)
-        out = attend(q, keys, values, positions, k_pos, cfg.sliding_window)
+            if span > 0:  # and the tokens stored before them
+                parts.insert(0, (*kv.read(span), plan.cached_positions(span)))
+        out = attend(q, positions, parts, cfg.sliding_window)
+        if kv is not None:  # stored after attention read the cache: updated in place
+            kv = kv.write(k, v, plan, after=out)
         wo = self.param("o", _init, (cfg.n_kv_heads, g, hd, cfg.d_model), jnp.float32)
         y = jnp.einsum("bsngh,nghd->bsd", out, wo.astype(x.dtype))
         if cfg.out_bias:

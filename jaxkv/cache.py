@@ -17,9 +17,17 @@ Layout (measured against a single stacked tensor, see BENCHMARKS.md):
 
 Writing follows a small protocol that callers use without knowing the layout:
 `plan = cache.plan_write(positions)` decides where the new tokens go and which are stored;
-each layer calls `layer.write(k, v, plan)` and `layer.read(span)`; attention masks with
-`plan.key_positions(span)`; `cache.commit(plan, layers)` returns the new cache. A ring buffer
-with attention sinks, int8 storage with scales, or a paged pool changes this module only.
+each layer reads what is stored with `layer.read(span)` (masked by
+`plan.cached_positions(span)`), attends over that plus its new keys, and stores them with
+`layer.write(k, v, plan, after=out)`; `cache.commit(plan, layers, after=x)` returns the new
+cache. A ring buffer with attention sinks, int8 storage with scales, or a paged pool changes
+this module only.
+
+In-place updates: a write that XLA can order after every read of the same buffer is done in
+place; one it cannot order (the read and the write are independent computations) makes XLA
+copy the whole buffer first (seen on CPU: two full copies per leaf per step). So each write
+takes `after`, an array computed from the reads (the layer's attention output), and its
+update is made to depend on it; attention never reads the buffer being written.
 
 A token is stored only where its position is >= 0 and the whole write fits in the capacity;
 otherwise its slot keeps its old contents. Nothing is ever written out of range (which
@@ -41,15 +49,27 @@ from jaxkv.config import ModelConfig
 Array = jax.Array
 
 
-def _write_slots(buf: Array, new: Array, index: Array, valid: Array) -> Array:
+def _after(new: Array, after: Array | None) -> Array:
+    """`new`, made to depend on `after` without changing its value (a NaN or inf in `after`
+    would make it NaN, but then the computation is already lost). See the module docstring."""
+    if after is None:
+        return new
+    tie = after.reshape(-1)[0]
+    if jnp.issubdtype(new.dtype, jnp.integer):
+        return jnp.where(tie.astype(jnp.float32) <= jnp.inf, new, -1).astype(new.dtype)
+    return new + (tie * 0).astype(new.dtype)
+
+
+def _write_slots(
+    buf: Array, new: Array, index: Array, valid: Array, after: Array | None = None
+) -> Array:
     """Write `new` ([B, S, ...]) into `buf` ([B, C, ...]) at slots [index, index + S), keeping the
-    old contents where `valid` ([B, S]) is False."""
+    old contents where `valid` ([B, S]) is False, after `after` is computed."""
     s = new.shape[1]
     old = lax.dynamic_slice_in_dim(buf, index, s, axis=1)
     mask = valid.reshape(valid.shape + (1,) * (new.ndim - 2))
-    return lax.dynamic_update_slice_in_dim(
-        buf, jnp.where(mask, new.astype(buf.dtype), old), index, axis=1
-    )
+    update = jnp.where(mask, _after(new.astype(buf.dtype), after), old)
+    return lax.dynamic_update_slice_in_dim(buf, update, index, axis=1)
 
 
 @jax.tree_util.register_dataclass
@@ -60,15 +80,19 @@ class LayerKV:
     k: Array
     v: Array
 
-    def write(self, k_new: Array, v_new: Array, plan: WritePlan) -> LayerKV:
-        """Store this layer's new keys and values (`[B, S, n_kv_heads, head_dim]`)."""
+    def write(
+        self, k_new: Array, v_new: Array, plan: WritePlan, after: Array | None = None
+    ) -> LayerKV:
+        """Store this layer's new keys and values (`[B, S, n_kv_heads, head_dim]`), ordered
+        after `after` (the layer's attention output: see the module docstring)."""
         return LayerKV(
-            k=_write_slots(self.k, k_new, plan.index, plan.valid),
-            v=_write_slots(self.v, v_new, plan.index, plan.valid),
+            k=_write_slots(self.k, k_new, plan.index, plan.valid, after),
+            v=_write_slots(self.v, v_new, plan.index, plan.valid, after),
         )
 
     def read(self, span: int) -> tuple[Array, Array]:
-        """Keys and values of the first `span` slots, for attention."""
+        """Stored keys and values of the first `span` slots, for attention (read them before
+        `write`: attention takes this step's new keys from the projections directly)."""
         if span == self.k.shape[1]:
             return self.k, self.v
         return self.k[:, :span], self.v[:, :span]
@@ -81,16 +105,19 @@ class WritePlan:
 
     index: first slot written (int32 scalar).
     valid: bool [B, S], which new tokens are stored.
-    slot_positions: int32 [B, capacity], the cache's position table after the write.
+    positions: int32 [B, S], the new tokens' positions.
+    old_positions: int32 [B, capacity], the cache's position table before the write.
     """
 
     index: Array
     valid: Array
-    slot_positions: Array
+    positions: Array
+    old_positions: Array
 
-    def key_positions(self, span: int) -> Array:
-        """Positions of the first `span` slots after the write (-1: empty), for masking."""
-        return self.slot_positions[:, :span]
+    def cached_positions(self, span: int) -> Array:
+        """Positions held in the first `span` slots before this write (-1: empty): the mask
+        for the keys `LayerKV.read(span)` returns."""
+        return self.old_positions[:, :span]
 
 
 @jax.tree_util.register_dataclass
@@ -147,13 +174,18 @@ class KVCache:
         s = positions.shape[1]
         fits = self.index + s <= self.capacity
         valid = (positions >= 0) & fits
-        old = lax.dynamic_slice_in_dim(self.positions, self.index, s, axis=1)
-        new = jnp.where(valid, positions.astype(jnp.int32), old)
-        table = lax.dynamic_update_slice_in_dim(self.positions, new, self.index, axis=1)
-        return WritePlan(index=self.index, valid=valid, slot_positions=table)
+        return WritePlan(
+            index=self.index,
+            valid=valid,
+            positions=positions.astype(jnp.int32),
+            old_positions=self.positions,
+        )
 
-    def commit(self, plan: WritePlan, layers: tuple[LayerKV, ...]) -> KVCache:
-        """The cache after `plan`, with the layers each layer wrote.
+    def commit(
+        self, plan: WritePlan, layers: tuple[LayerKV, ...], after: Array | None = None
+    ) -> KVCache:
+        """The cache after `plan`, with the layers each layer wrote; the position table is
+        updated after `after` (the model's final activations: every layer's mask read it).
 
         `index` moves past the last column in which any row stored a token, so a step in which
         no row stores anything leaves the cache unchanged.
@@ -161,9 +193,10 @@ class KVCache:
         s = plan.valid.shape[1]
         cols = jnp.arange(1, s + 1, dtype=jnp.int32)
         used = jnp.max(jnp.where(plan.valid, cols[None, :], 0))
+        table = _write_slots(self.positions, plan.positions, plan.index, plan.valid, after)
         return KVCache(
             layers=tuple(layers),
-            positions=plan.slot_positions,
+            positions=table,
             lengths=self.lengths + jnp.sum(plan.valid, axis=1, dtype=jnp.int32),
             index=self.index + used,
         )

@@ -96,7 +96,7 @@ class Transformer(nn.Module):
         logits = jnp.einsum(
             "bsd,dv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32
         )
-        new_cache = cache.commit(plan, tuple(layers)) if cache is not None else None
+        new_cache = cache.commit(plan, tuple(layers), after=x) if cache is not None else None
         return logits, new_cache
 
 

@@ -24,7 +24,7 @@ RAGGED = [1, 7, 31, 2, 16]
 
 @functools.partial(jax.jit, static_argnums=4)
 def _prefill_all(params, tokens, positions, cache, cfg):
-    return model.apply(params, cfg, tokens, positions, cache, span=tokens.shape[1])
+    return model.apply(params, cfg, tokens, positions, cache, span=0)
 
 
 def _cached_logits(params, cfg, prompts, fed, capacity=64):
