@@ -36,6 +36,16 @@ from jaxkv.cache import KVCache
 from jaxkv.config import ModelConfig
 from jaxkv.model import Params, apply
 from jaxkv.sampling import GREEDY, SamplingConfig, sample
+from jaxkv.sharding import (
+    Mesh,
+    Rules,
+    check_batch,
+    constrain_cache,
+    put_replicated,
+    put_rows,
+    replicate,
+    rules_for,
+)
 
 Array = jax.Array
 
@@ -92,14 +102,14 @@ def _prefill(
     positions: Array,
     capacity: int,
     cache_dtype: Any,
+    rules: Rules | None = None,
 ) -> tuple[Array, KVCache]:
-    cache = KVCache.init(config, tokens.shape[0], capacity, cache_dtype)
+    cache = constrain_cache(KVCache.init(config, tokens.shape[0], capacity, cache_dtype), rules)
     last = jnp.max(positions)  # the longest row ends in column P - 1 == its last position
     last_col = jnp.full((tokens.shape[0],), last, jnp.int32)
-    logits, cache = apply(
-        params, config, tokens, positions, cache, span=tokens.shape[1], logits_at=last_col
-    )
-    return logits[:, 0], cache
+    # A fresh cache holds nothing to attend to (span 0): the prompt attends to itself.
+    logits, cache = apply(params, config, tokens, positions, cache, span=0, logits_at=last_col)
+    return logits[:, 0], constrain_cache(cache, rules)
 
 
 def _decode(
@@ -109,11 +119,12 @@ def _decode(
     tokens: Array,
     active: Array,
     span: int | None,
+    rules: Rules | None = None,
 ) -> tuple[Array, KVCache]:
     positions = jnp.where(active.astype(bool), cache.lengths, -1)[:, None]
     tokens = tokens.astype(jnp.int32)[:, None]
     logits, cache = apply(params, config, tokens, positions, cache, span=span)
-    return logits[:, 0], cache
+    return logits[:, 0], constrain_cache(cache, rules)
 
 
 def _start(
@@ -133,11 +144,12 @@ def _step(
     pad_id: Array,
     state: DecodeState,
     allowed: Array | bool = True,
+    rules: Rules | None = None,
 ) -> tuple[DecodeState, tuple[Array, Array]]:
     """Feed each active row's pending token, sample the next. Returns the new state and
     (emitted tokens [B], emitted mask [B])."""
     active = ~state.done & allowed
-    logits, cache = _decode(params, config, state.cache, state.tokens, active, span)
+    logits, cache = _decode(params, config, state.cache, state.tokens, active, span, rules)
     stored = cache.lengths > state.cache.lengths  # False where the cache had no room
     key, sub = jax.random.split(state.key)
     nxt = sample(logits, sub, sampling)
@@ -158,18 +170,21 @@ def _scan_steps(
     sampling: SamplingConfig,
     n_steps: int,
     span: int,
-) -> tuple[DecodeState, Array, Array]:
-    """n_steps decode steps in one lax.scan; steps at or past `budget` do nothing."""
+    rules: Rules | None = None,
+) -> tuple[DecodeState, Array, Array, Array]:
+    """n_steps decode steps in one lax.scan; steps at or past `budget` do nothing. The
+    emitted tokens and masks come back whole on every device (the host reads them)."""
 
     def body(st: DecodeState, i: Array) -> tuple[DecodeState, tuple[Array, Array]]:
         allowed = True if budget is None else i < budget
-        return _step(params, config, sampling, span, eos, pad_id, st, allowed)
+        return _step(params, config, sampling, span, eos, pad_id, st, allowed, rules)
 
     state, (toks, ok) = lax.scan(body, state, jnp.arange(n_steps))
-    return state, toks.T, ok.T
+    all_done = replicate(jnp.all(state.done), rules)
+    return state, replicate(toks.T, rules), replicate(ok.T, rules), all_done
 
 
-_STATIC = ("config", "sampling", "n_steps", "span")
+_STATIC = ("config", "sampling", "n_steps", "span", "rules")
 
 
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "capacity", "cache_dtype"))
@@ -187,11 +202,12 @@ def _generate_jit(
     span: int,
     capacity: int,
     cache_dtype: Any,
+    rules: Rules | None = None,
 ) -> tuple[Array, Array, DecodeState]:
-    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype)
+    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, rules)
     state = _start(logits, cache, key, sampling, eos)
-    first = state.tokens
-    state, toks, ok = _scan_steps(
+    first = replicate(state.tokens, rules)
+    state, toks, ok, _ = _scan_steps(
         params,
         state,
         eos,
@@ -201,6 +217,7 @@ def _generate_jit(
         sampling=sampling,
         n_steps=n_steps,
         span=span,
+        rules=rules,
     )
     out = jnp.concatenate([first[:, None], toks], axis=1)
     lengths = 1 + jnp.sum(ok, axis=1, dtype=jnp.int32)
@@ -219,7 +236,8 @@ def _resume_jit(
     sampling: SamplingConfig,
     n_steps: int,
     span: int,
-) -> tuple[DecodeState, Array, Array]:
+    rules: Rules | None = None,
+) -> tuple[DecodeState, Array, Array, Array]:
     return _scan_steps(
         params,
         state,
@@ -230,10 +248,13 @@ def _resume_jit(
         sampling=sampling,
         n_steps=n_steps,
         span=span,
+        rules=rules,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "capacity", "cache_dtype"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "sampling", "capacity", "cache_dtype", "rules")
+)
 def _start_jit(
     params: Params,
     tokens: Array,
@@ -245,12 +266,14 @@ def _start_jit(
     sampling: SamplingConfig,
     capacity: int,
     cache_dtype: Any,
-) -> DecodeState:
-    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype)
-    return _start(logits, cache, key, sampling, eos)
+    rules: Rules | None = None,
+) -> tuple[DecodeState, Array, Array]:
+    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, rules)
+    state = _start(logits, cache, key, sampling, eos)
+    return state, replicate(state.tokens, rules), replicate(jnp.all(state.done), rules)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype", "rules"))
 def _prefill_jit(
     params: Params,
     tokens: Array,
@@ -259,11 +282,13 @@ def _prefill_jit(
     config: ModelConfig,
     capacity: int,
     cache_dtype: Any,
+    rules: Rules | None = None,
 ) -> tuple[Array, KVCache]:
-    return _prefill(params, config, tokens, positions, capacity, cache_dtype)
+    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, rules)
+    return replicate(logits, rules), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "span"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "span", "rules"), donate_argnames=("cache",))
 def _decode_step_jit(
     params: Params,
     cache: KVCache,
@@ -272,8 +297,10 @@ def _decode_step_jit(
     *,
     config: ModelConfig,
     span: int | None,
+    rules: Rules | None = None,
 ) -> tuple[Array, KVCache]:
-    return _decode(params, config, cache, tokens, active, span)
+    logits, cache = _decode(params, config, cache, tokens, active, span, rules)
+    return replicate(logits, rules), cache
 
 
 # --------------------------------------------------------------------------- host side
@@ -298,18 +325,6 @@ def _layout(rows: Sequence[np.ndarray], capacity: int, pad_id: int) -> _Batch:
     return _Batch(tokens, positions, longest)
 
 
-def _prepare(
-    config: ModelConfig, prompts: Any, max_new_tokens: int, capacity: int | None, pad_id: int
-) -> tuple[_Batch, int]:
-    rows = checks.token_rows(prompts, config.vocab_size)
-    longest = max(len(r) for r in rows)
-    if capacity is None:
-        capacity = bucket_length(longest, 1 << 62) + max_new_tokens
-    capacity = checks.check_capacity(capacity)
-    checks.check_fits(longest, max_new_tokens, capacity, config)
-    return _layout(rows, capacity, pad_id), capacity
-
-
 def _key(key: Array | int | None) -> Array:
     if key is None:
         return jax.random.key(0)
@@ -318,10 +333,67 @@ def _key(key: Array | int | None) -> Array:
     return key
 
 
-def _check_sampling(sampling: SamplingConfig) -> SamplingConfig:
+def _rules(config: ModelConfig, mesh: Mesh | None, batch: int) -> Rules | None:
+    if mesh is None:
+        return None
+    rules = rules_for(config, mesh)
+    check_batch(rules, batch)
+    return rules
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """A validated generation request: device inputs and the static shape decisions."""
+
+    tokens: Any
+    positions: Any
+    key: Any
+    eos: Any
+    pad_id: Any
+    capacity: int
+    span: int
+    sampling: SamplingConfig
+    max_new_tokens: int
+    rules: Rules | None
+
+
+def _request(
+    config: ModelConfig,
+    prompts: Any,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos_ids: Any,
+    pad_id: int,
+    key: Any,
+    capacity: int | None,
+    mesh: Mesh | None,
+) -> _Request:
+    """Validate everything in plain Python, then lay out and place the inputs."""
+    max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-    return sampling
+    pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
+    eos = np.asarray(checks.eos_tuple(eos_ids, config.vocab_size), np.int32)
+    rows = checks.token_rows(prompts, config.vocab_size)
+    longest = max(len(r) for r in rows)
+    if capacity is None:
+        capacity = bucket_length(longest, 1 << 62) + max_new_tokens
+    capacity = checks.check_capacity(capacity)
+    checks.check_fits(longest, max_new_tokens, capacity, config)
+    rules = _rules(config, mesh, len(rows))
+    batch = _layout(rows, capacity, pad_id)
+    return _Request(
+        tokens=put_rows(batch.tokens, rules),
+        positions=put_rows(batch.positions, rules),
+        key=put_replicated(_key(key), rules),
+        eos=put_replicated(eos, rules),
+        pad_id=put_replicated(np.int32(pad_id), rules),
+        capacity=capacity,
+        span=attention_span(batch.tokens.shape[1] + max_new_tokens, capacity),
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        rules=rules,
+    )
 
 
 def prefill(
@@ -332,10 +404,12 @@ def prefill(
     capacity: int,
     pad_id: int = 0,
     cache_dtype: Any = None,
+    mesh: Mesh | None = None,
 ) -> tuple[Array, KVCache]:
     """Run a batch of prompts of any lengths into a fresh cache of `capacity` slots per row.
 
     Returns the float32 logits of each row's last prompt token, [B, vocab], and the cache.
+    With `mesh` (params placed by `shard_params`), the cache is sharded as jaxkv.sharding says.
     """
     capacity = checks.check_capacity(capacity)
     pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
@@ -343,14 +417,16 @@ def prefill(
     longest = max(len(r) for r in rows)
     if longest > capacity:
         raise ValueError(f"prompt length {longest} exceeds the cache capacity {capacity}")
+    rules = _rules(config, mesh, len(rows))
     batch = _layout(rows, capacity, pad_id)
     return _prefill_jit(
         params,
-        jnp.asarray(batch.tokens),
-        jnp.asarray(batch.positions),
+        put_rows(batch.tokens, rules),
+        put_rows(batch.positions, rules),
         config=config,
         capacity=capacity,
         cache_dtype=cache_dtype,
+        rules=rules,
     )
 
 
@@ -362,6 +438,7 @@ def decode_step(
     *,
     active: Any = None,
     span: int | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[Array, KVCache]:
     """Feed one token per row; returns float32 logits [B, vocab] and the updated cache.
 
@@ -389,8 +466,12 @@ def decode_step(
             )
         if span == cache.capacity:
             span = None
-    tokens = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
-    return _decode_step_jit(params, cache, tokens, active, config=config, span=span)
+    rules = _rules(config, mesh, cache.batch_size)
+    if not isinstance(tokens, jax.Array):
+        tokens = put_rows(np.asarray(tokens), rules)
+    if not isinstance(active, jax.Array):
+        active = put_rows(np.asarray(active, bool), rules)
+    return _decode_step_jit(params, cache, tokens, active, config=config, span=span, rules=rules)
 
 
 def generate(
@@ -405,32 +486,30 @@ def generate(
     key: Array | int | None = None,
     capacity: int | None = None,
     cache_dtype: Any = None,
+    mesh: Mesh | None = None,
 ) -> GenerationResult:
     """Prefill the prompts, then sample `max_new_tokens` per row in one compiled lax.scan.
 
     prompts: a sequence of token-id sequences (any lengths) or an int array [B, S].
     capacity: cache slots per row (default: the prompt bucket + max_new_tokens).
     key: a PRNG key or an int seed; each step splits it once.
+    mesh: a ('data', 'model') mesh to run on, with params placed by `shard_params`.
     """
-    max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
-    sampling = _check_sampling(sampling)
-    pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
-    eos = np.asarray(checks.eos_tuple(eos_ids, config.vocab_size), np.int32)
-    batch, capacity = _prepare(config, prompts, max_new_tokens, capacity, pad_id)
-    span = attention_span(batch.tokens.shape[1] + max_new_tokens, capacity)
+    r = _request(config, prompts, max_new_tokens, sampling, eos_ids, pad_id, key, capacity, mesh)
     tokens, lengths, state = _generate_jit(
         params,
-        jnp.asarray(batch.tokens),
-        jnp.asarray(batch.positions),
-        _key(key),
-        eos,
-        np.int32(pad_id),
+        r.tokens,
+        r.positions,
+        r.key,
+        r.eos,
+        r.pad_id,
         config=config,
-        sampling=sampling,
-        n_steps=max_new_tokens - 1,
-        span=span,
-        capacity=capacity,
+        sampling=r.sampling,
+        n_steps=r.max_new_tokens - 1,
+        span=r.span,
+        capacity=r.capacity,
         cache_dtype=cache_dtype,
+        rules=r.rules,
     )
     return GenerationResult(tokens=tokens, lengths=lengths, state=state)
 
@@ -444,6 +523,7 @@ def resume(
     sampling: SamplingConfig = GREEDY,
     eos_ids: int | Sequence[int] | None = None,
     pad_id: int = 0,
+    mesh: Mesh | None = None,
 ) -> GenerationResult:
     """Continue a generation from its returned state for `max_new_tokens` more steps.
 
@@ -451,7 +531,8 @@ def resume(
     generate(N + M). `state` is donated. Stopped rows stay stopped.
     """
     max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
-    sampling = _check_sampling(sampling)
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
     eos = np.asarray(checks.eos_tuple(eos_ids, config.vocab_size), np.int32)
     cache = state.cache
@@ -462,17 +543,18 @@ def resume(
             f"cache holds {index} of {cache.capacity} slots; {max_new_tokens} more tokens "
             f"need {index + max_new_tokens}, over the capacity {cache.capacity}"
         )
-    span = attention_span(index + max_new_tokens, cache.capacity)
-    state, toks, ok = _resume_jit(
+    rules = _rules(config, mesh, cache.batch_size)
+    state, toks, ok, _ = _resume_jit(
         params,
         state,
-        eos,
-        np.int32(pad_id),
+        put_replicated(eos, rules),
+        put_replicated(np.int32(pad_id), rules),
         None,
         config=config,
         sampling=sampling,
         n_steps=max_new_tokens,
-        span=span,
+        span=attention_span(index + max_new_tokens, cache.capacity),
+        rules=rules,
     )
     return GenerationResult(tokens=toks, lengths=jnp.sum(ok, axis=1, dtype=jnp.int32), state=state)
 
@@ -490,73 +572,47 @@ def generate_stream(
     capacity: int | None = None,
     cache_dtype: Any = None,
     chunk_size: int = 16,
+    mesh: Mesh | None = None,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, but yields tokens as they are made: first the token from the prefill
     ([B, 1]), then chunks of up to `chunk_size` steps ([B, <= chunk_size], numpy). Stops as
     soon as every row has stopped. The concatenated chunks equal `generate`'s tokens up to
     that point (after it, generate only has padding)."""
-    max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
-    sampling = _check_sampling(sampling)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
-    eos = np.asarray(checks.eos_tuple(eos_ids, config.vocab_size), np.int32)
-    batch, capacity = _prepare(config, prompts, max_new_tokens, capacity, pad_id)
-    span = attention_span(batch.tokens.shape[1] + max_new_tokens, capacity)
-    return _stream(
-        params,
-        config,
-        batch,
-        key,
-        eos,
-        pad_id,
-        sampling,
-        capacity,
-        cache_dtype,
-        span,
-        max_new_tokens,
-        chunk_size,
-    )
+    r = _request(config, prompts, max_new_tokens, sampling, eos_ids, pad_id, key, capacity, mesh)
+    return _stream(params, config, r, cache_dtype, chunk_size)
 
 
 def _stream(
-    params: Params,
-    config: ModelConfig,
-    batch: _Batch,
-    key: Any,
-    eos: Array,
-    pad_id: int,
-    sampling: SamplingConfig,
-    capacity: int,
-    cache_dtype: Any,
-    span: int,
-    max_new_tokens: int,
-    chunk_size: int,
+    params: Params, config: ModelConfig, r: _Request, cache_dtype: Any, chunk_size: int
 ) -> Iterator[np.ndarray]:
-    state = _start_jit(
+    state, first, done = _start_jit(
         params,
-        jnp.asarray(batch.tokens),
-        jnp.asarray(batch.positions),
-        _key(key),
-        eos,
+        r.tokens,
+        r.positions,
+        r.key,
+        r.eos,
         config=config,
-        sampling=sampling,
-        capacity=capacity,
+        sampling=r.sampling,
+        capacity=r.capacity,
         cache_dtype=cache_dtype,
+        rules=r.rules,
     )
-    yield np.asarray(state.tokens)[:, None]
-    left = max_new_tokens - 1
-    while left > 0 and not bool(jnp.all(state.done)):
-        state, toks, _ = _resume_jit(
+    yield np.asarray(first)[:, None]
+    left = r.max_new_tokens - 1
+    while left > 0 and not bool(done):
+        state, toks, _, done = _resume_jit(
             params,
             state,
-            eos,
-            np.int32(pad_id),
-            np.int32(left),
+            r.eos,
+            r.pad_id,
+            put_replicated(np.int32(left), r.rules),
             config=config,
-            sampling=sampling,
+            sampling=r.sampling,
             n_steps=chunk_size,
-            span=span,
+            span=r.span,
+            rules=r.rules,
         )
         n = min(left, chunk_size)
         left -= n

@@ -1,8 +1,15 @@
-"""pytest setup: float32 math at full matmul precision for every test."""
+"""pytest setup: 8 host CPU devices for the sharding tests (set before JAX starts), and float32
+math at full matmul precision for every test."""
 
-import jax
-import numpy as np
-import pytest
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

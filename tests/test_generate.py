@@ -123,7 +123,7 @@ def test_row_reaching_capacity_is_marked_done_not_overwritten(rng):
     )
     from jaxkv.decode import _resume_jit
 
-    state, toks, ok = _resume_jit(
+    state, toks, ok, _ = _resume_jit(
         params,
         state,
         jnp.zeros(0, jnp.int32),
