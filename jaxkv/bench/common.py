@@ -1,0 +1,242 @@
+"""Measurement helpers shared by the CPU and GPU suites: environment, bandwidth, random
+params, prefilled decode states, step timing, compiled cost and memory."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.cache import KVCache, LayerKV
+from jaxkv.config import ModelConfig
+from jaxkv.decode import DecodeState, _decode_step_jit, _resume_jit
+from jaxkv.model import Params, Transformer
+from jaxkv.sampling import GREEDY
+
+
+def env_info() -> dict[str, Any]:
+    """Machine, versions and date, recorded with every result."""
+    versions = {}
+    for pkg in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": dev.platform,
+        "device": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def best_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Smallest wall time of `fn()` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 28, dtype: Any = jnp.float32) -> float:
+    """Bytes per second of a device copy (bytes read + bytes written), best of several."""
+    n = nbytes // jnp.dtype(dtype).itemsize
+    x = jnp.ones((n,), dtype)
+    f = jax.jit(lambda a: a + jnp.asarray(1, dtype))
+    t = best_time(lambda: f(x).block_until_ready(), repeats=10, warmup=2)
+    return 2 * n * jnp.dtype(dtype).itemsize / t
+
+
+def random_params(
+    config: ModelConfig, key: jax.Array, dtype: Any = None, std: float = 0.02
+) -> Params:
+    """Random params made directly in `dtype` on the device (no float32 copy): normal(std)
+    matrices, unit norm scales, zero biases."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda k: Transformer(config).init(k, tokens, tokens)["params"], key)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+
+    @jax.jit
+    def make(keys: jax.Array) -> list[jax.Array]:
+        out = []
+        for (path, leaf), k in zip(leaves, keys, strict=True):
+            name = getattr(path[-1], "key", str(path[-1]))
+            if name == "scale":
+                out.append(jnp.ones(leaf.shape, dtype))
+            elif name in ("bias", "qkv_bias", "o_bias", "bi", "bo"):
+                out.append(jnp.zeros(leaf.shape, dtype))
+            else:
+                out.append((std * jax.random.normal(k, leaf.shape, jnp.float32)).astype(dtype))
+        return out
+
+    return jax.tree_util.tree_unflatten(treedef, make(keys))
+
+
+def param_bytes(params: Params) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+def kv_bytes_read(config: ModelConfig, batch: int, filled: int, itemsize: int) -> int:
+    """Bytes of K and V a step must read when `filled` slots per row are in use."""
+    return 2 * config.n_layers * batch * filled * config.n_kv_heads * config.head_dim * itemsize
+
+
+def synthetic_state(
+    config: ModelConfig, batch: int, position: int, capacity: int, seed: int = 0
+) -> DecodeState:
+    """A decode state as if every row had `position` tokens stored (small random K/V), made
+    without running (or compiling) a prefill. Decode speed does not depend on the values."""
+    dtype = config.jnp_dtype
+
+    @jax.jit
+    def make(key: jax.Array) -> DecodeState:
+        cache = KVCache.init(config, batch, capacity)
+        shape = (batch, position, config.n_kv_heads, config.head_dim)
+        layers = []
+        for i, layer in enumerate(cache.layers):
+            kk, kv = jax.random.split(jax.random.fold_in(key, i))
+            k = layer.k.at[:, :position].set(jax.random.normal(kk, shape, dtype))
+            v = layer.v.at[:, :position].set(jax.random.normal(kv, shape, dtype))
+            layers.append(LayerKV(k=k, v=v))
+        slots = jnp.arange(capacity, dtype=jnp.int32)
+        positions = jnp.broadcast_to(jnp.where(slots < position, slots, -1), (batch, capacity))
+        cache = KVCache(
+            layers=tuple(layers),
+            positions=positions,
+            lengths=jnp.full((batch,), position, jnp.int32),
+            index=jnp.int32(position),
+        )
+        return DecodeState(
+            cache=cache,
+            tokens=jnp.zeros((batch,), jnp.int32),
+            done=jnp.zeros((batch,), bool),
+            key=key,
+        )
+
+    state = make(jax.random.key(seed))
+    jax.block_until_ready(state)
+    return state
+
+
+def scan_step_time(
+    params: Params,
+    config: ModelConfig,
+    make_state: Callable[[], DecodeState],
+    n_steps: int,
+    span: int,
+    repeats: int = 3,
+) -> float:
+    """Seconds per decode step inside one compiled lax.scan of n_steps (decode + sampling),
+    the loop `generate` runs. Each timed run starts from a fresh prefilled state."""
+    eos, pad = np.zeros(0, np.int32), np.int32(0)
+
+    def run() -> None:
+        state = make_state()
+        t = time.perf_counter()
+        out = _resume_jit(
+            params,
+            state,
+            eos,
+            pad,
+            None,
+            config=config,
+            sampling=GREEDY,
+            n_steps=n_steps,
+            span=span,
+        )
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t)
+
+    times: list[float] = []
+    run()  # compile
+    times.clear()
+    for _ in range(repeats):
+        run()
+    return min(times) / n_steps
+
+
+def isolated_step_time(
+    params: Params, config: ModelConfig, state: DecodeState, n_steps: int, span: int | None
+) -> float:
+    """Seconds per call of the jitted, donating decode_step, called n_steps times from Python
+    (dispatch is asynchronous; one block at the end)."""
+    cache, tokens = state.cache, state.tokens
+    active = jnp.ones(tokens.shape, bool)
+    span = None if span == cache.capacity else span
+    logits, cache = _decode_step_jit(params, cache, tokens, active, config=config, span=span)
+    jax.block_until_ready(logits)
+    t = time.perf_counter()
+    for _ in range(n_steps):
+        logits, cache = _decode_step_jit(params, cache, tokens, active, config=config, span=span)
+    jax.block_until_ready((logits, cache))
+    return (time.perf_counter() - t) / n_steps
+
+
+def compiled_flops(jitted: Any, *args: Any, **kwargs: Any) -> float:
+    """FLOPs XLA's cost analysis counts for one call (a while loop's body counts once)."""
+    cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))
+
+
+def memory_analysis(jitted: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+    """Argument, output, alias and temporary bytes of the compiled program."""
+    m = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    if m is None:
+        return {}
+    return {
+        k: int(getattr(m, f"{k}_size_in_bytes", 0))
+        for k in ("argument", "output", "alias", "temp", "generated_code")
+    }
+
+
+def dot_attention_step_time(
+    params: Params, config: ModelConfig, state: DecodeState, n_steps: int, span: int
+) -> float:
+    """Isolated step time with decode attention written as dots instead of reductions
+    (a fresh jit, traced with attention.DECODE_BY_REDUCTION off)."""
+    from jaxkv import attention
+    from jaxkv.decode import _decode
+
+    step = jax.jit(lambda p, c, t, a: _decode(p, config, c, t, a, span), donate_argnums=1)
+    attention.DECODE_BY_REDUCTION = False
+    try:
+        cache, tokens = state.cache, state.tokens
+        active = jnp.ones(tokens.shape, bool)
+        logits, cache = step(params, cache, tokens, active)
+        jax.block_until_ready(logits)
+    finally:
+        attention.DECODE_BY_REDUCTION = True
+    t = time.perf_counter()
+    for _ in range(n_steps):
+        logits, cache = step(params, cache, tokens, active)
+    jax.block_until_ready((logits, cache))
+    return (time.perf_counter() - t) / n_steps

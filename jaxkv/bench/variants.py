@@ -1,0 +1,133 @@
+"""Alternative layer/cache layouts, kept only to measure them against the library's choice
+(unrolled layers, one K and one V leaf per layer).
+
+- "scan": layers under `lax.scan` with stacked params, K/V stacked as [layers, B, C, H, D]
+  and carried through the scan, written in place at (layer, slot).
+- "stacked": unrolled layers, but K/V stacked as above (one leaf each for all layers).
+
+Both reuse the library's Block and the cache's write protocol: `StackedLayerKV` is a drop-in
+for `LayerKV` that reads and writes one layer of a stacked buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxkv.cache import KVCache, LayerKV, WritePlan, _after
+from jaxkv.config import ModelConfig
+from jaxkv.layers import Norm
+from jaxkv.model import Block, Params
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StackedLayerKV:
+    """Layer `layer` of K/V buffers stacked over layers: [L, B, C, H, D]."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+
+    def write(
+        self, k_new: jax.Array, v_new: jax.Array, plan: WritePlan, after: jax.Array | None = None
+    ) -> StackedLayerKV:
+        def put(buf: jax.Array, new: jax.Array) -> jax.Array:
+            s = new.shape[1]
+            start = (self.layer, 0, plan.index, 0, 0)
+            old = lax.dynamic_slice(buf, start, (1, *new.shape[:1], s, *new.shape[2:]))[0]
+            mask = plan.valid[:, :, None, None]
+            update = jnp.where(mask, _after(new.astype(buf.dtype), after), old)
+            return lax.dynamic_update_slice(buf, update[None], start)
+
+        return StackedLayerKV(put(self.k, k_new), put(self.v, v_new), self.layer)
+
+    def read(self, span: int) -> tuple[jax.Array, jax.Array]:
+        def get(buf: jax.Array) -> jax.Array:
+            shape = (1, buf.shape[1], span, *buf.shape[3:])
+            return lax.dynamic_slice(buf, (self.layer, 0, 0, 0, 0), shape)[0]
+
+        return get(self.k), get(self.v)
+
+
+def stack_params(params: Params, config: ModelConfig) -> Params:
+    layers = [params[f"layers_{i}"] for i in range(config.n_layers)]
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+    """The same cache with all layers' K (and V) in one [L, ...] leaf."""
+    k = jnp.stack([layer.k for layer in cache.layers])
+    v = jnp.stack([layer.v for layer in cache.layers])
+    return dataclasses.replace(cache, layers=(LayerKV(k=k, v=v),))
+
+
+def _head(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
+    x = Norm(config).apply({"params": params["final_norm"]}, x)
+    head = params["embed"].T if config.tie_embeddings else params["lm_head"]
+    return jnp.einsum("bsd,dv->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "span", "scan"), donate_argnames=("cache",))
+def decode_step_stacked(
+    params: Params, cache: KVCache, tokens: jax.Array, *, config: ModelConfig, span: int, scan: bool
+) -> tuple[jax.Array, KVCache]:
+    """One decode step over a stacked cache (see stack_cache), with layers under lax.scan
+    (`scan=True`, params from stack_params) or unrolled."""
+    positions = cache.lengths[:, None]
+    plan = cache.plan_write(positions)
+    x = jnp.take(params["embed"], tokens[:, None], axis=0).astype(config.jnp_dtype)
+    k_all, v_all = cache.layers[0].k, cache.layers[0].v
+    block = Block(config)
+    if scan:
+
+        def body(carry: tuple, layer: tuple) -> tuple:
+            x, k_all, v_all = carry
+            p, i = layer
+            kv = StackedLayerKV(k_all, v_all, i)
+            x, kv = block.apply({"params": p}, x, positions, kv, plan, span)
+            return (x, kv.k, kv.v), None
+
+        idx = jnp.arange(config.n_layers)
+        (x, k_all, v_all), _ = lax.scan(body, (x, k_all, v_all), (params["layers"], idx))
+    else:
+        for i in range(config.n_layers):
+            kv = StackedLayerKV(k_all, v_all, jnp.int32(i))
+            x, kv = block.apply({"params": params[f"layers_{i}"]}, x, positions, kv, plan, span)
+            k_all, v_all = kv.k, kv.v
+    logits = _head(params, config, x)[:, 0]
+    return logits, cache.commit(plan, (LayerKV(k=k_all, v=v_all),), after=x)
+
+
+def layout_step_times(
+    config: ModelConfig, params: Params, position: int, capacity: int, n_steps: int
+) -> dict[str, float]:
+    """Isolated seconds per decode step of the two alternative layouts, batch 1."""
+    import time
+
+    from jaxkv.bench.common import synthetic_state
+    from jaxkv.decode import attention_span
+
+    span = attention_span(position + n_steps, capacity)
+    out = {}
+    stacked_params = stack_params(params, config)
+    for name, scan in (("scan_layers_stacked_cache", True), ("unrolled_stacked_cache", False)):
+        cache = stack_cache(synthetic_state(config, 1, position, capacity).cache)
+        p = stacked_params if scan else params
+        tokens = jnp.zeros((1,), jnp.int32)
+        logits, cache = decode_step_stacked(p, cache, tokens, config=config, span=span, scan=scan)
+        jax.block_until_ready(logits)
+        t = time.perf_counter()
+        for _ in range(n_steps):
+            logits, cache = decode_step_stacked(
+                p, cache, tokens, config=config, span=span, scan=scan
+            )
+        jax.block_until_ready((logits, cache))
+        out[name] = (time.perf_counter() - t) / n_steps
+    return out

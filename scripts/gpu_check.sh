@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU (the device tool runs it from the repository root, with $OUT
+# pointing at a folder that comes back): the GPU benchmark suite, then the core correctness
+# tests on the GPU.
+set -u
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem \
+  --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+timeout "${BENCH_TIMEOUT:-360}" python3 scripts/bench.py --suite gpu --out "$OUT" 2>&1 \
+  | tee "$OUT/bench_log.txt"
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider \
+  tests/test_model.py::test_cached_equals_uncached_every_position \
+  tests/test_model.py::test_prefill_returns_last_prompt_logits \
+  tests/test_compiled.py tests/test_generate.py::test_greedy_generate_equals_naive_argmax_loop \
+  2>&1 | tail -20 | tee "$OUT/tests.txt"
