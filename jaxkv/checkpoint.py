@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -308,14 +308,24 @@ def _llama_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _llama_to_params(get: Callable[[str, tuple[int, ...]], np.ndarray], cfg: ModelConfig) -> Params:
+def _layer_range(cfg: ModelConfig, progress: bool) -> Iterable[int]:
+    if not progress:
+        return range(cfg.n_layers)
+    from tqdm import tqdm
+
+    return tqdm(range(cfg.n_layers), desc="loading", unit="layer", leave=False)
+
+
+def _llama_to_params(
+    get: Callable[[str, tuple[int, ...]], np.ndarray], cfg: ModelConfig, progress: bool = False
+) -> Params:
     d, hd, kv, g = cfg.d_model, cfg.head_dim, cfg.n_kv_heads, cfg.q_per_kv
     shapes = _llama_layout(cfg)
     params: Params = {
         "embed": get("model.embed_tokens.weight", (cfg.vocab_size, d)),
         "final_norm": {"scale": get("model.norm.weight", (d,))},
     }
-    for i in range(cfg.n_layers):
+    for i in _layer_range(cfg, progress):
         t = {k: get(f"model.layers.{i}.{k}", s) for k, s in shapes.items()}
         q = t["self_attn.q_proj.weight"].T.reshape(d, kv, g, hd)
         k = t["self_attn.k_proj.weight"].T.reshape(d, kv, 1, hd)
@@ -392,7 +402,10 @@ def _gpt2_prefix(reader: _Reader) -> str:
 
 
 def _gpt2_to_params(
-    get: Callable[[str, tuple[int, ...]], np.ndarray], cfg: ModelConfig, pre: str
+    get: Callable[[str, tuple[int, ...]], np.ndarray],
+    cfg: ModelConfig,
+    pre: str,
+    progress: bool = False,
 ) -> Params:
     d, f, h, hd = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.head_dim
 
@@ -404,7 +417,7 @@ def _gpt2_to_params(
         "pos_embed": get(pre + "wpe.weight", (cfg.max_seq_len, d)),
         "final_norm": norm(pre + "ln_f"),
     }
-    for i in range(cfg.n_layers):
+    for i in _layer_range(cfg, progress):
         b = f"{pre}h.{i}."
         w = get(b + "attn.c_attn.weight", (d, 3 * d)).reshape(d, 3, h, hd)
         bias = get(b + "attn.c_attn.bias", (3 * d,)).reshape(3, h, hd)
@@ -504,11 +517,14 @@ def _default_dtype(hf: dict[str, Any]) -> str:
     return stored if stored in ("float32", "bfloat16", "float16") else "float32"
 
 
-def load_pretrained(path: str | os.PathLike[str], dtype: Any = None) -> tuple[ModelConfig, Params]:
+def load_pretrained(
+    path: str | os.PathLike[str], dtype: Any = None, progress: bool = False
+) -> tuple[ModelConfig, Params]:
     """Load a Hugging Face checkpoint directory: returns (config, params).
 
     dtype: the params' and activations' dtype (default: the dtype config.json records, else
-    float32). Raises CheckpointError (a ValueError) naming the file or tensor at fault.
+    float32). progress: show a progress bar over the layers. Raises CheckpointError (a
+    ValueError) naming the file or tensor at fault.
     """
     path = Path(path)
     if not path.is_dir():
@@ -518,9 +534,9 @@ def load_pretrained(path: str | os.PathLike[str], dtype: Any = None) -> tuple[Mo
     config = config_from_hf(hf, dtype=dtype)
     reader = _Reader(_weight_files(path))
     if hf["model_type"] == "gpt2":
-        params = _gpt2_to_params(reader.get, config, _gpt2_prefix(reader))
+        params = _gpt2_to_params(reader.get, config, _gpt2_prefix(reader), progress)
     else:
-        params = _llama_to_params(reader.get, config)
+        params = _llama_to_params(reader.get, config, progress)
     leftover = reader.leftover()
     if config.tie_embeddings:  # some tied checkpoints also store the (identical) head
         leftover = [n for n in leftover if n != "lm_head.weight"]

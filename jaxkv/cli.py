@@ -1,5 +1,11 @@
 """The `jaxkv` command line: generate (streaming), info, bench, train.
 
+    jaxkv generate "def fibonacci(n):"        # the bundled model, streamed to the terminal
+    jaxkv generate --model DIR --dtype bfloat16 "Once upon a time"
+    jaxkv info [--model DIR] [--batch-size 8 --capacity 4096]
+    jaxkv bench --suite cpu --out bench_out [--quick]
+    jaxkv train --out DIR
+
 Usage errors (bad flags, a missing model path) print one line and exit with code 2.
 """
 
@@ -50,7 +56,7 @@ def _load(path: str | None, dtype: str | None) -> tuple[Any, Any, Any, Path]:
 
     model = _model_dir(path)
     try:
-        config, params = load_pretrained(model, dtype=dtype)
+        config, params = load_pretrained(model, dtype=dtype, progress=sys.stderr.isatty())
         tokenizer = load_tokenizer(model)
     except (CheckpointError, ValueError) as e:
         raise UsageError(str(e)) from None
@@ -216,10 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--capacity", type=_positive_int, default=2048)
     info.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     info.set_defaults(func=cmd_info)
+
+    sub.add_parser("bench", help="benchmark suites (jaxkv bench --help)", add_help=False)
+    sub.add_parser("train", help="train the bundled model (jaxkv train --help)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # bench and train have parsers of their own: hand them the rest of the line.
+    if argv and argv[0] == "bench":
+        from jaxkv.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv and argv[0] == "train":
+        from jaxkv.train import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -109,15 +109,12 @@ def test_greedy_continuations_match_transformers(family):
     config, params = load_pretrained(path, dtype=jnp.float32)
     prompts = _prompts()
     ours = np.asarray(jaxkv.generate(params, config, prompts, max_new_tokens=N_GREEDY).tokens)
+    model.generation_config.eos_token_id = None  # compare whole continuations
+    model.generation_config.pad_token_id = 0
     for b, p in enumerate(prompts):
         with torch.no_grad():
-            out = model.generate(
-                torch.tensor([p]),
-                max_new_tokens=N_GREEDY,
-                min_new_tokens=N_GREEDY,
-                do_sample=False,
-                pad_token_id=0,
-            )
+            out = model.generate(torch.tensor([p]), max_new_tokens=N_GREEDY, do_sample=False)
+        assert out.shape[1] == len(p) + N_GREEDY
         assert ours[b].tolist() == out[0, len(p) :].tolist(), (name, b)
 
 
