@@ -15,10 +15,11 @@ Weights:
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxkv.cache import LayerKV, WritePlan
 from jaxkv.config import ModelConfig
@@ -60,24 +61,25 @@ def attend(
     """
     scale = q.shape[-1] ** -0.5
     one = q.shape[1] == 1 and DECODE_BY_REDUCTION
-    scores, masks = [], []
+    axis = 1 if one else -1  # the key axis of the scores
+    scores = []
     for k, _, k_pos in parts:
         if one:  # [B, T, N, G] by multiply-reduce (see _scores_one)
-            scores.append(_scores_one(q, k))
-            masks.append(attention_mask(q_pos, k_pos, window)[:, 0, :, None, None])
+            s = _scores_one(q, k)
+            mask = attention_mask(q_pos, k_pos, window)[:, 0, :, None, None]
         else:  # [B, N, G, S, T]
-            scores.append(jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32))
-            masks.append(attention_mask(q_pos, k_pos, window)[:, None, None])
-    axis = 1 if one else -1
-    sizes = [s.shape[axis] for s in scores]
-    all_scores = jnp.concatenate(scores, axis=axis) if len(scores) > 1 else scores[0]
-    mask = jnp.concatenate(masks, axis=axis) if len(masks) > 1 else masks[0]
-    probs = jax.nn.softmax(jnp.where(mask, all_scores * scale, _MASKED), axis=axis)
+            s = jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32)
+            mask = attention_mask(q_pos, k_pos, window)[:, None, None]
+        scores.append(jnp.where(mask, s * scale, _MASKED))
+    # One softmax over all parts without concatenating them: shared max, summed denominators.
+    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=axis, keepdims=True) for s in scores])
+    weights = [jnp.exp(s - top) for s in scores]
+    denom = sum(jnp.sum(w, axis=axis, keepdims=True) for w in weights)
     out = None
-    for (_, v, _), p in zip(parts, jnp.split(probs, np.cumsum(sizes)[:-1], axis=axis), strict=True):
+    for (_, v, _), w in zip(parts, weights, strict=True):
+        p = w / denom
         if one:  # sum_t p[b, t, n, g] v[b, t, n, h]
-            o = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
-            o = o[:, None]
+            o = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)[:, None]
         else:
             o = jnp.einsum(
                 "bngst,btnh->bsngh", p.astype(v.dtype), v, preferred_element_type=jnp.float32
@@ -131,7 +133,10 @@ class Attention(nn.Module):
         if kv is not None:  # stored after attention read the cache: updated in place
             kv = kv.write(k, v, plan, after=out)
         wo = self.param("o", _init, (cfg.n_kv_heads, g, hd, cfg.d_model), jnp.float32)
-        y = jnp.einsum("bsngh,nghd->bsd", out, wo.astype(x.dtype))
+        # A plain [B, S, H*hd] @ [H*hd, D] matmul: both reshapes are free, where an einsum over
+        # (n, g, h) may contract in another order and transpose the weight at every call.
+        b, sq = out.shape[:2]
+        y = out.reshape(b, sq, -1) @ wo.astype(x.dtype).reshape(-1, cfg.d_model)
         if cfg.out_bias:
             y = y + self.param("o_bias", nn.initializers.zeros, (cfg.d_model,)).astype(x.dtype)
         return y, kv

@@ -64,12 +64,20 @@ def best_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float
 
 
 def copy_bandwidth(nbytes: int = 1 << 28, dtype: Any = jnp.float32) -> float:
-    """Bytes per second of a device copy (bytes read + bytes written), best of several."""
+    """Bytes per second of a streaming device update (bytes read + bytes written), best of
+    several. The buffer is donated and rewritten in place, as a decode step's cache is (an
+    out-of-place copy on CPU mostly measures the page faults of fresh allocations)."""
     n = nbytes // jnp.dtype(dtype).itemsize
-    x = jnp.ones((n,), dtype)
-    f = jax.jit(lambda a: a + jnp.asarray(1, dtype))
-    t = best_time(lambda: f(x).block_until_ready(), repeats=10, warmup=2)
-    return 2 * n * jnp.dtype(dtype).itemsize / t
+    f = jax.jit(lambda a: a + jnp.asarray(1, dtype), donate_argnums=0)
+    x = f(jnp.zeros((n,), dtype))
+    x.block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        x = f(x)
+        x.block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n * jnp.dtype(dtype).itemsize / min(times)
 
 
 def random_params(
@@ -101,6 +109,16 @@ def random_params(
 
 def param_bytes(params: Params) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+def weight_bytes_read(params: Params, config: ModelConfig, batch: int) -> int:
+    """Weight bytes one decode step must read: every param except the embedding table, of
+    which it reads `batch` rows (all of it when tied, as the LM head)."""
+    total = param_bytes(params)
+    if config.tie_embeddings:
+        return total
+    embed = params["embed"]
+    return total - embed.size * embed.dtype.itemsize + batch * embed.shape[1] * embed.dtype.itemsize
 
 
 def kv_bytes_read(config: ModelConfig, batch: int, filled: int, itemsize: int) -> int:

@@ -21,6 +21,7 @@ from jaxkv.bench.common import (
     random_params,
     scan_step_time,
     synthetic_state,
+    weight_bytes_read,
 )
 from jaxkv.config import ModelConfig, preset
 from jaxkv.decode import (
@@ -264,19 +265,20 @@ def compilation(config: ModelConfig, params: Params, n_new: int) -> dict[str, An
 def weight_bandwidth(
     config: ModelConfig, params: Params, copy_bw: float, n_steps: int = 32
 ) -> dict[str, Any]:
-    """Weight bytes per decode step / step time, as a fraction of the copy bandwidth."""
+    """Weight bytes a decode step reads / step time, as a fraction of the copy bandwidth."""
     _log("weight bandwidth")
     make = lambda: synthetic_state(config, 1, 32, 256)
     step = scan_step_time(params, config, make, n_steps, attention_span(32 + n_steps, 256))
     iso = isolated_step_time(params, config, make(), n_steps, 256)
-    bw = param_bytes(params) / step
+    read = weight_bytes_read(params, config, 1)
     return {
         "config_params": config.param_count(),
+        "weight_bytes_read": read,
         "param_bytes": param_bytes(params),
         "step_s": step,
         "isolated_step_s": iso,
-        "weight_bytes_per_s": bw,
-        "fraction_of_copy_bw": bw / copy_bw,
+        "weight_bytes_per_s": read / step,
+        "fraction_of_copy_bw": read / step / copy_bw,
     }
 
 

@@ -7,6 +7,7 @@ bandwidth / step time. Designed to finish in a few minutes on one H100.
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from typing import Any
@@ -18,13 +19,12 @@ from jaxkv.bench import variants
 from jaxkv.bench.common import (
     copy_bandwidth,
     dot_attention_step_time,
-    isolated_step_time,
     kv_bytes_read,
-    memory_analysis,
     param_bytes,
     random_params,
     scan_step_time,
     synthetic_state,
+    weight_bytes_read,
 )
 from jaxkv.cache import cache_memory_bytes
 from jaxkv.config import ModelConfig, preset
@@ -35,85 +35,96 @@ def _log(msg: str) -> None:
     print(f"[bench-gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def measure_config(
+def _cache_copies(hlo: str, capacity: int) -> int:
+    """Copies of cache-sized buffers in a compiled program (should be 0: in-place updates)."""
+    return sum(
+        1
+        for line in hlo.splitlines()
+        if re.search(r"\bcopy(-start)?\(", line) and f",{capacity}," in line
+    )
+
+
+def _isolated(
+    params: Any, config: ModelConfig, state: Any, n_steps: int, span: int
+) -> tuple[float, dict[str, int], int]:
+    """Seconds per isolated decode_step call, from one ahead-of-time compile that also gives
+    the memory analysis and the count of cache-sized copies."""
+    active = jnp.ones(state.tokens.shape, bool)
+    span_arg = None if span == state.cache.capacity else span
+    compiled = _decode_step_jit.lower(
+        params, state.cache, state.tokens, active, config=config, span=span_arg
+    ).compile()
+    m = compiled.memory_analysis()
+    mem = (
+        {
+            k: int(getattr(m, f"{k}_size_in_bytes", 0))
+            for k in ("argument", "output", "alias", "temp")
+        }
+        if m is not None
+        else {}
+    )
+    copies = _cache_copies(compiled.as_text(), state.cache.capacity)
+    cache, tokens = state.cache, state.tokens
+    logits, cache = compiled(params, cache, tokens, active)
+    jax.block_until_ready(logits)
+    t = time.perf_counter()
+    for _ in range(n_steps):
+        logits, cache = compiled(params, cache, tokens, active)
+    jax.block_until_ready((logits, cache))
+    return (time.perf_counter() - t) / n_steps, mem, copies
+
+
+def measure_core(
     name: str,
     config: ModelConfig,
+    params: Any,
     copy_bw: float,
-    batches: list[int],
+    batch: int,
     position: int,
     capacity: int,
     n_steps: int,
-    layouts: bool,
 ) -> dict[str, Any]:
-    _log(f"{name}: random params")
-    params = random_params(config, jax.random.key(0))
-    jax.block_until_ready(params)
-    pbytes = param_bytes(params)
+    """ms/step (scan and isolated), MBU, memory and copies for one config and batch."""
+    _log(f"{name}: batch {batch}")
     itemsize = jnp.dtype(config.dtype).itemsize
     span = attention_span(position + n_steps, capacity)
-    rows = []
-    for batch in batches:
-        _log(f"{name}: batch {batch}")
-        make = lambda b=batch: synthetic_state(config, b, position, capacity)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            scan_s = scan_step_time(params, config, make, n_steps, span, repeats=2)
-            iso_s = isolated_step_time(params, config, make(), n_steps, span)
-        donation_warnings = [str(w.message) for w in caught if "donat" in str(w.message)]
-        dot_s = dot_attention_step_time(params, config, make(), n_steps, span)
-        filled = position + n_steps // 2
-        need = pbytes + kv_bytes_read(config, batch, filled, itemsize)
-        state = make()
-        mem = memory_analysis(
-            _decode_step_jit,
-            params,
-            state.cache,
-            state.tokens,
-            jnp.ones((batch,), bool),
-            config=config,
-            span=span,
-        )
-        stats = jax.devices()[0].memory_stats() or {}
-        rows.append(
-            {
-                "batch": batch,
-                "position": position,
-                "capacity": capacity,
-                "span": span,
-                "scan_ms_per_step": scan_s * 1e3,
-                "isolated_ms_per_step": iso_s * 1e3,
-                "scan_vs_isolated": scan_s / iso_s,
-                "isolated_ms_per_step_dot_attention": dot_s * 1e3,
-                "bytes_per_step": need,
-                "mbu": need / scan_s / copy_bw,
-                "mbu_isolated": need / iso_s / copy_bw,
-                "tokens_per_s": batch / scan_s,
-                "param_bytes": pbytes,
-                "cache_bytes": cache_memory_bytes(config, batch, capacity),
-                "compiled_memory": mem,
-                "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-                "donation_warnings": donation_warnings,
-            }
-        )
-        del state
-    out: dict[str, Any] = {"config": name, "param_count": config.param_count(), "rows": rows}
-    if layouts:
-        _log(f"{name}: layer layouts")
-        out["layouts_isolated_ms"] = {
-            "unrolled_per_layer_cache": rows[0]["isolated_ms_per_step"],
-            **{
-                k: v * 1e3
-                for k, v in variants.layout_step_times(
-                    config, params, position, capacity, n_steps
-                ).items()
-            },
-        }
-    return out
+    make = lambda: synthetic_state(config, batch, position, capacity)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scan_s = scan_step_time(params, config, make, n_steps, span, repeats=2)
+        iso_s, mem, copies = _isolated(params, config, make(), n_steps, span)
+    filled = position + n_steps // 2
+    kv = kv_bytes_read(config, batch, filled, itemsize)
+    need = weight_bytes_read(params, config, batch) + kv
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "batch": batch,
+        "position": position,
+        "capacity": capacity,
+        "span": span,
+        "scan_ms_per_step": scan_s * 1e3,
+        "isolated_ms_per_step": iso_s * 1e3,
+        "scan_vs_isolated": scan_s / iso_s,
+        "bytes_per_step": need,
+        "mbu": need / scan_s / copy_bw,
+        "mbu_isolated": need / iso_s / copy_bw,
+        "mbu_counting_whole_embedding": (param_bytes(params) + kv) / scan_s / copy_bw,
+        "tokens_per_s": batch / scan_s,
+        "param_bytes": param_bytes(params),
+        "cache_bytes": cache_memory_bytes(config, batch, capacity),
+        "compiled_memory": mem,
+        "cache_sized_copies": copies,
+        "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+        "donation_warnings": [str(w.message) for w in caught if "donat" in str(w.message)],
+    }
 
 
-def run(quick: bool, smoke: bool = False, save: Any = None) -> dict[str, Any]:
-    """The suite; `save(partial_result)` is called after each config, so a run cut short by
-    a time limit still leaves what it measured."""
+def run(
+    quick: bool, smoke: bool = False, save: Any = None, extras_deadline_s: float = 270.0
+) -> dict[str, Any]:
+    """The suite. Core numbers first (every config and batch), then extras (dot attention,
+    layer layouts) while time remains; `save(partial_result)` runs after each piece, so a run
+    cut short by a time limit still leaves what it measured."""
     t0 = time.perf_counter()
     if smoke:  # exercise the code path on any machine with tiny models
         configs = {"test-gqa": preset("test-gqa").replace(dtype="bfloat16")}
@@ -134,12 +145,50 @@ def run(quick: bool, smoke: bool = False, save: Any = None) -> dict[str, Any]:
             "gpu_suite_s": time.perf_counter() - t0,
         }
 
-    for i, (name, config) in enumerate(configs.items()):
-        results.append(
-            measure_config(
-                name, config, copy_bw, [1, 8], position, capacity, n_steps, layouts=(i == 0)
+    params_by_name = {}
+    for name, config in configs.items():
+        _log(f"{name}: random params")
+        params = random_params(config, jax.random.key(0))
+        jax.block_until_ready(params)
+        entry = {"config": name, "param_count": config.param_count(), "rows": []}
+        results.append(entry)
+        for batch in (1, 8):
+            entry["rows"].append(
+                measure_core(name, config, params, copy_bw, batch, position, capacity, n_steps)
             )
-        )
-        if save is not None:
-            save(summary())
+            if save is not None:
+                save(summary())
+        params_by_name[name] = params if name == list(configs)[-1] else None
+        del params
+    # Extras, newest params first (the last config's are still alive), while time remains.
+    span = attention_span(position + n_steps, capacity)
+    for entry in reversed(results):
+        name = entry["config"]
+        config = configs[name]
+        params = params_by_name.get(name)
+        if time.perf_counter() - t0 > extras_deadline_s:
+            break
+        if params is None:
+            params = random_params(config, jax.random.key(0))
+        for row in entry["rows"]:
+            if time.perf_counter() - t0 > extras_deadline_s:
+                break
+            _log(f"{name}: dot attention, batch {row['batch']}")
+            state = synthetic_state(config, row["batch"], position, capacity)
+            row["isolated_ms_per_step_dot_attention"] = 1e3 * dot_attention_step_time(
+                params, config, state, n_steps, span
+            )
+            if save is not None:
+                save(summary())
+        if time.perf_counter() - t0 <= extras_deadline_s:
+            _log(f"{name}: layer layouts")
+            times = variants.layout_step_times(config, params, position, capacity, n_steps)
+            entry["layouts_isolated_ms"] = {
+                "unrolled_per_layer_cache": entry["rows"][0]["isolated_ms_per_step"],
+                **{k: v * 1e3 for k, v in times.items()},
+            }
+            if save is not None:
+                save(summary())
+        params_by_name[name] = None
+        del params
     return summary()

@@ -158,6 +158,7 @@ def markdown(r: dict[str, Any]) -> str:
                         x["mbu"],
                         x["scan_vs_isolated"],
                         x["tokens_per_s"],
+                        x.get("cache_sized_copies", "-"),
                     ]
                 )
         out += [
@@ -175,6 +176,7 @@ def markdown(r: dict[str, Any]) -> str:
                     "MBU",
                     "scan/isolated",
                     "tok/s",
+                    "cache copies",
                 ],
                 rows,
             ),
