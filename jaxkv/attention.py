@@ -27,9 +27,19 @@ from jaxkv.layers import apply_rope
 
 Array = jax.Array
 _init = nn.initializers.normal(stddev=0.02)
-# Decode attention (one query per row) as multiply-reduce (True) or as dots (False). Only the
-# benchmarks change it, to measure one form against the other.
-DECODE_BY_REDUCTION = True
+# Decode attention (one query per row) as multiply-reduce (True) or as dots (False); None picks
+# per backend at trace time: dots on CPU, where they measured faster (BENCHMARKS.md), and
+# multiply-reduce elsewhere, where it lets XLA fuse the cache read. The benchmarks set it to
+# measure one form against the other.
+DECODE_BY_REDUCTION: bool | None = None
+
+
+def _decode_by_reduction() -> bool:
+    if DECODE_BY_REDUCTION is not None:
+        return DECODE_BY_REDUCTION
+    return jax.default_backend() != "cpu"
+
+
 # Masked scores are replaced (not offset) by this: finite, so a query that sees no key at all
 # (a padding slot) gets a uniform average instead of NaN.
 _MASKED = -1e30
@@ -60,7 +70,7 @@ def attend(
     XLA can then write it in place.
     """
     scale = q.shape[-1] ** -0.5
-    one = q.shape[1] == 1 and DECODE_BY_REDUCTION
+    one = q.shape[1] == 1 and _decode_by_reduction()
     axis = 1 if one else -1  # the key axis of the scores
     scores = []
     for k, _, k_pos in parts:

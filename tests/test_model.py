@@ -208,3 +208,20 @@ def test_forward_never_nan_on_padding(rng):
     assert np.isfinite(np.asarray(logits)).all()
     ref = jaxkv.forward(params, cfg, [tokens[0, 3:].tolist()])
     np.testing.assert_allclose(logits[0, 3:], ref[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("by_reduction", [True, False])
+def test_both_decode_attention_forms_match_uncached(by_reduction, rng, monkeypatch):
+    """Decode attention runs as multiply-reduce on GPU/TPU and as dots on CPU; both forms are
+    checked here on CPU (a config of its own, so nothing compiled earlier is reused)."""
+    from jaxkv import attention
+
+    monkeypatch.setattr(attention, "DECODE_BY_REDUCTION", by_reduction)
+    cfg = jaxkv.preset("test-gqa").replace(norm_eps=1e-5 * (2.0 if by_reduction else 3.0))
+    params = jaxkv.init_params(cfg, jax.random.key(5))
+    prompts = random_prompts(rng, RAGGED, cfg.vocab_size)
+    fed = rng.integers(0, cfg.vocab_size, size=(len(prompts), 3)).astype(np.int32)
+    _, step_logits, _ = _cached_logits(params, cfg, prompts, fed)
+    refs = reference_logits(params, cfg, [p + fed[b].tolist() for b, p in enumerate(prompts)])
+    for b, p in enumerate(prompts):
+        np.testing.assert_allclose(step_logits[b], refs[b][len(p):], atol=ATOL, rtol=0)

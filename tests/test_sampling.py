@@ -91,7 +91,9 @@ def test_same_key_same_sample_and_keys_differ():
 
 @settings(max_examples=50, deadline=None)
 @given(
-    logits=hnp.arrays(np.float32, (1, 12), elements=st.floats(-8, 8, width=32)),
+    logits=hnp.arrays(
+        np.float32, (1, 12), elements=st.floats(-8, 8, width=32, allow_subnormal=False)
+    ),
     p=st.floats(0.05, 1.0),
 )
 def test_top_p_set_is_minimal_and_reaches_p(logits, p):
@@ -108,10 +110,13 @@ def test_top_p_set_is_minimal_and_reaches_p(logits, p):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    logits=hnp.arrays(np.float32, (2, 9), elements=st.floats(-5, 5, width=32)),
+    logits=hnp.arrays(
+        np.float32, (2, 9), elements=st.floats(-5, 5, width=32, allow_subnormal=False)
+    ),
     seed=st.integers(0, 1000),
 )
 def test_sample_always_returns_a_kept_token(logits, seed):
+    # (No subnormal logits: XLA on CPU flushes them to zero, numpy does not.)
     c = SamplingConfig(temperature=0.7, top_k=3, top_p=0.5, min_p=0.1)
     tok = np.asarray(sample(jnp.asarray(logits), jax.random.key(seed), c))
     for b in range(2):

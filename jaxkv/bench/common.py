@@ -237,22 +237,27 @@ def memory_analysis(jitted: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
 
 
 def dot_attention_step_time(
-    params: Params, config: ModelConfig, state: DecodeState, n_steps: int, span: int
+    params: Params,
+    config: ModelConfig,
+    state: DecodeState,
+    n_steps: int,
+    span: int,
+    by_reduction: bool = False,
 ) -> float:
-    """Isolated step time with decode attention written as dots instead of reductions
-    (a fresh jit, traced with attention.DECODE_BY_REDUCTION off)."""
+    """Isolated step time with decode attention forced to dots (or, with by_reduction, to
+    multiply-reduce), in a fresh jit traced with attention.DECODE_BY_REDUCTION set."""
     from jaxkv import attention
     from jaxkv.decode import _decode
 
     step = jax.jit(lambda p, c, t, a: _decode(p, config, c, t, a, span), donate_argnums=1)
-    attention.DECODE_BY_REDUCTION = False
+    attention.DECODE_BY_REDUCTION = by_reduction
     try:
         cache, tokens = state.cache, state.tokens
         active = jnp.ones(tokens.shape, bool)
         logits, cache = step(params, cache, tokens, active)
         jax.block_until_ready(logits)
     finally:
-        attention.DECODE_BY_REDUCTION = True
+        attention.DECODE_BY_REDUCTION = None
     t = time.perf_counter()
     for _ in range(n_steps):
         logits, cache = step(params, cache, tokens, active)
