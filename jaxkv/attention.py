@@ -141,10 +141,11 @@ class Attention(nn.Module):
                 parts.insert(0, (*kv.read(span), plan.cached_positions(span)))
         out = attend(q, positions, parts, cfg.sliding_window)
         if kv is not None:  # stored after attention read the cache: updated in place
-            kv = kv.write(k, v, plan, after=out)
+            kv = kv.write(k, v, plan, after=out[:, :, :, 0])
         wo = self.param("o", _init, (cfg.n_kv_heads, g, hd, cfg.d_model), jnp.float32)
-        # A plain [B, S, H*hd] @ [H*hd, D] matmul: both reshapes are free, where an einsum over
-        # (n, g, h) may contract in another order and transpose the weight at every call.
+        # A plain [B, S, H*hd] @ [H*hd, D] matmul: both reshapes are free (an einsum over
+        # (n, g, h) may contract in another order and transpose the weight at every call),
+        # and with heads sharded each device multiplies its own heads before one all-reduce.
         b, sq = out.shape[:2]
         y = out.reshape(b, sq, -1) @ wo.astype(x.dtype).reshape(-1, cfg.d_model)
         if cfg.out_bias:

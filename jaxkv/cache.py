@@ -50,14 +50,15 @@ Array = jax.Array
 
 
 def _after(new: Array, after: Array | None) -> Array:
-    """`new`, made to depend on `after` without changing its value (a NaN or inf in `after`
-    would make it NaN, but then the computation is already lost). See the module docstring."""
+    """`new`, made to depend on `after` (an array of new's shape, or of its leading dims)
+    without changing its value: elementwise, so sharded arrays need no communication. (A NaN
+    or inf in `after` makes the result NaN or -1, but then the computation is lost anyway.)"""
     if after is None:
         return new
-    tie = after.reshape(-1)[0]
+    after = after.reshape(after.shape + (1,) * (new.ndim - after.ndim))
     if jnp.issubdtype(new.dtype, jnp.integer):
-        return jnp.where(tie.astype(jnp.float32) <= jnp.inf, new, -1).astype(new.dtype)
-    return new + (tie * 0).astype(new.dtype)
+        return jnp.where(after.astype(jnp.float32) <= jnp.inf, new, -1).astype(new.dtype)
+    return new + (after * 0).astype(new.dtype)
 
 
 def _write_slots(
@@ -84,7 +85,8 @@ class LayerKV:
         self, k_new: Array, v_new: Array, plan: WritePlan, after: Array | None = None
     ) -> LayerKV:
         """Store this layer's new keys and values (`[B, S, n_kv_heads, head_dim]`), ordered
-        after `after` (the layer's attention output: see the module docstring)."""
+        after `after` (the layer's attention output, shaped like them: see the module
+        docstring)."""
         return LayerKV(
             k=_write_slots(self.k, k_new, plan.index, plan.valid, after),
             v=_write_slots(self.v, v_new, plan.index, plan.valid, after),
@@ -185,7 +187,8 @@ class KVCache:
         self, plan: WritePlan, layers: tuple[LayerKV, ...], after: Array | None = None
     ) -> KVCache:
         """The cache after `plan`, with the layers each layer wrote; the position table is
-        updated after `after` (the model's final activations: every layer's mask read it).
+        updated after `after` ([B, S], from the model's final activations: every layer's
+        mask read the table).
 
         `index` moves past the last column in which any row stored a token, so a step in which
         no row stores anything leaves the cache unchanged.

@@ -96,7 +96,9 @@ class Transformer(nn.Module):
         logits = jnp.einsum(
             "bsd,dv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32
         )
-        new_cache = cache.commit(plan, tuple(layers), after=x) if cache is not None else None
+        new_cache = None
+        if cache is not None:  # the position table is updated after every layer read it
+            new_cache = cache.commit(plan, tuple(layers), after=x[..., 0])
         return logits, new_cache
 
 

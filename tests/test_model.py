@@ -224,4 +224,4 @@ def test_both_decode_attention_forms_match_uncached(by_reduction, rng, monkeypat
     _, step_logits, _ = _cached_logits(params, cfg, prompts, fed)
     refs = reference_logits(params, cfg, [p + fed[b].tolist() for b, p in enumerate(prompts)])
     for b, p in enumerate(prompts):
-        np.testing.assert_allclose(step_logits[b], refs[b][len(p):], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(step_logits[b], refs[b][len(p) :], atol=ATOL, rtol=0)

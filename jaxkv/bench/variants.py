@@ -102,7 +102,7 @@ def decode_step_stacked(
             x, kv = block.apply({"params": params[f"layers_{i}"]}, x, positions, kv, plan, span)
             k_all, v_all = kv.k, kv.v
     logits = _head(params, config, x)[:, 0]
-    return logits, cache.commit(plan, (LayerKV(k=k_all, v=v_all),), after=x)
+    return logits, cache.commit(plan, (LayerKV(k=k_all, v=v_all),), after=x[..., 0])
 
 
 def layout_step_times(
