@@ -234,7 +234,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
                 "s--",
                 label="attend over whole capacity",
             )
-            ax.set(xscale="log", xlabel=key, ylabel="ms / step")
+            ax.set(xscale="log" if key == "capacity" else "linear", xlabel=key, ylabel="ms / step")
             ax.legend()
         axes[0].set_title("step time vs capacity (position 128)")
         axes[1].set_title(f"step time vs position (capacity {s['by_position'][0]['capacity']})")
