@@ -1,6 +1,7 @@
 """jaxkv: fast autoregressive decoding in JAX/Flax around an explicit, immutable KV cache."""
 
 from jaxkv.cache import KVCache, LayerKV, WritePlan, cache_memory_bytes
+from jaxkv.checkpoint import load_pretrained, save_pretrained
 from jaxkv.config import PRESETS, ModelConfig, preset
 from jaxkv.decode import (
     DecodeState,
@@ -14,18 +15,22 @@ from jaxkv.decode import (
 )
 from jaxkv.model import Transformer, cast_params, forward, init_params
 from jaxkv.sampling import GREEDY, SamplingConfig, sample
+from jaxkv.sharding import make_mesh, shard_params
+from jaxkv.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GREEDY",
     "PRESETS",
+    "ByteTokenizer",
     "DecodeState",
     "GenerationResult",
     "KVCache",
     "LayerKV",
     "ModelConfig",
     "SamplingConfig",
+    "Tokenizer",
     "Transformer",
     "WritePlan",
     "bucket_length",
@@ -36,8 +41,13 @@ __all__ = [
     "generate",
     "generate_stream",
     "init_params",
+    "load_pretrained",
+    "load_tokenizer",
+    "make_mesh",
     "prefill",
     "preset",
     "resume",
     "sample",
+    "save_pretrained",
+    "shard_params",
 ]
