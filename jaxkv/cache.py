@@ -19,7 +19,7 @@ Writing follows a small protocol that callers use without knowing the layout:
 `plan = cache.plan_write(positions)` decides where the new tokens go and which are stored;
 each layer reads what is stored with `layer.read(span)` (masked by
 `plan.cached_positions(span)`), attends over that plus its new keys, and stores them with
-`layer.write(k, v, plan, after=out)`; `cache.commit(plan, layers, after=x)` returns the new
+`layer.write(k, v, plan, after=...)`; `cache.commit(plan, layers, after=...)` returns the new
 cache. A ring buffer with attention sinks, int8 storage with scales, or a paged pool changes
 this module only.
 
