@@ -17,12 +17,14 @@ from jaxkv.bench.common import (
     best_time,
     compiled_flops,
     isolated_step_time,
+    memory_analysis,
     param_bytes,
     random_params,
     scan_step_time,
     synthetic_state,
     weight_bytes_read,
 )
+from jaxkv.cache import cache_memory_bytes
 from jaxkv.config import ModelConfig, preset
 from jaxkv.decode import (
     _decode_step_jit,
@@ -271,7 +273,19 @@ def weight_bandwidth(
     step = scan_step_time(params, config, make, n_steps, attention_span(32 + n_steps, 256))
     iso = isolated_step_time(params, config, make(), n_steps, 256)
     read = weight_bytes_read(params, config, 1)
+    state = make()
+    mem = memory_analysis(
+        _decode_step_jit,
+        params,
+        state.cache,
+        state.tokens,
+        jnp.ones((1,), bool),
+        config=config,
+        span=128,
+    )
     return {
+        "compiled_memory": mem,
+        "cache_bytes": cache_memory_bytes(config, 1, 256),
         "config_params": config.param_count(),
         "weight_bytes_read": read,
         "param_bytes": param_bytes(params),

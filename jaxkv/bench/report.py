@@ -127,6 +127,15 @@ def markdown(r: dict[str, Any]) -> str:
             f"{w['fraction_of_copy_bw']:.2f} of copy bandwidth",
             "",
         ]
+        mem = w.get("compiled_memory") or {}
+        if mem:
+            out += [
+                f"Compiled decode step memory (llama-110m, capacity 256): arguments "
+                f"{mem['argument'] / 2**20:.1f} MiB (params {w['param_bytes'] / 2**20:.1f} + "
+                f"cache {w['cache_bytes'] / 2**20:.1f}), aliased to outputs "
+                f"{mem['alias'] / 2**20:.1f} MiB, temporaries {mem['temp'] / 2**20:.2f} MiB",
+                "",
+            ]
     if "layouts_isolated_ms" in r:
         for name, times in r["layouts_isolated_ms"].items():
             out += [
