@@ -362,6 +362,18 @@ class _Request:
     rules: Rules | None
 
 
+def _loop_args(
+    config: ModelConfig, max_new_tokens: Any, sampling: Any, eos_ids: Any, pad_id: Any
+) -> tuple[int, SamplingConfig, np.ndarray, int]:
+    """Validate what every generation loop takes: (max_new_tokens, sampling, eos, pad_id)."""
+    max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
+    eos = np.asarray(checks.eos_tuple(eos_ids, config.vocab_size), np.int32)
+    return max_new_tokens, sampling, eos, pad_id
+
+
 def _request(
     config: ModelConfig,
     prompts: Any,
@@ -374,11 +386,9 @@ def _request(
     mesh: Mesh | None,
 ) -> _Request:
     """Validate everything in plain Python, then lay out and place the inputs."""
-    max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
-    if not isinstance(sampling, SamplingConfig):
-        raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-    pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
-    eos = np.asarray(checks.eos_tuple(eos_ids, config.vocab_size), np.int32)
+    max_new_tokens, sampling, eos, pad_id = _loop_args(
+        config, max_new_tokens, sampling, eos_ids, pad_id
+    )
     rows = checks.token_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
     if capacity is None:
@@ -535,11 +545,9 @@ def resume(
     With the same sampling and EOS ids, generate(N) then resume(M) gives the tokens of
     generate(N + M). `state` is donated. Stopped rows stay stopped.
     """
-    max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
-    if not isinstance(sampling, SamplingConfig):
-        raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-    pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
-    eos = np.asarray(checks.eos_tuple(eos_ids, config.vocab_size), np.int32)
+    max_new_tokens, sampling, eos, pad_id = _loop_args(
+        config, max_new_tokens, sampling, eos_ids, pad_id
+    )
     cache = state.cache
     cache.check_compatible(config)
     index = int(cache.index)

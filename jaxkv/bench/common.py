@@ -200,21 +200,30 @@ def scan_step_time(
     return min(times) / n_steps
 
 
-def isolated_step_time(
-    params: Params, config: ModelConfig, state: DecodeState, n_steps: int, span: int | None
-) -> float:
-    """Seconds per call of the jitted, donating decode_step, called n_steps times from Python
-    (dispatch is asynchronous; one block at the end)."""
-    cache, tokens = state.cache, state.tokens
-    active = jnp.ones(tokens.shape, bool)
-    span = None if span == cache.capacity else span
-    logits, cache = _decode_step_jit(params, cache, tokens, active, config=config, span=span)
+def time_donating_steps(step: Callable[[Any], tuple[Any, Any]], cache: Any, n_steps: int) -> float:
+    """Seconds per call of `step(cache) -> (logits, cache)`, a donating decode step: one call
+    to warm up, then n_steps calls from Python (dispatch is asynchronous; one block at the
+    end)."""
+    logits, cache = step(cache)
     jax.block_until_ready(logits)
     t = time.perf_counter()
     for _ in range(n_steps):
-        logits, cache = _decode_step_jit(params, cache, tokens, active, config=config, span=span)
+        logits, cache = step(cache)
     jax.block_until_ready((logits, cache))
     return (time.perf_counter() - t) / n_steps
+
+
+def isolated_step_time(
+    params: Params, config: ModelConfig, state: DecodeState, n_steps: int, span: int | None
+) -> float:
+    """Seconds per call of the jitted, donating decode_step, called n_steps times."""
+    tokens, active = state.tokens, jnp.ones(state.tokens.shape, bool)
+    span = None if span == state.cache.capacity else span
+    return time_donating_steps(
+        lambda c: _decode_step_jit(params, c, tokens, active, config=config, span=span),
+        state.cache,
+        n_steps,
+    )
 
 
 def compiled_flops(jitted: Any, *args: Any, **kwargs: Any) -> float:
@@ -250,16 +259,11 @@ def dot_attention_step_time(
     from jaxkv.decode import _decode
 
     step = jax.jit(lambda p, c, t, a: _decode(p, config, c, t, a, span), donate_argnums=1)
+    tokens, active = state.tokens, jnp.ones(state.tokens.shape, bool)
     attention.DECODE_BY_REDUCTION = by_reduction
-    try:
-        cache, tokens = state.cache, state.tokens
-        active = jnp.ones(tokens.shape, bool)
-        logits, cache = step(params, cache, tokens, active)
+    try:  # the first call traces the step with the forced form
+        logits, cache = step(params, state.cache, tokens, active)
         jax.block_until_ready(logits)
     finally:
         attention.DECODE_BY_REDUCTION = None
-    t = time.perf_counter()
-    for _ in range(n_steps):
-        logits, cache = step(params, cache, tokens, active)
-    jax.block_until_ready((logits, cache))
-    return (time.perf_counter() - t) / n_steps
+    return time_donating_steps(lambda c: step(params, c, tokens, active), cache, n_steps)

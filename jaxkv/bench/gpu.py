@@ -24,6 +24,7 @@ from jaxkv.bench.common import (
     random_params,
     scan_step_time,
     synthetic_state,
+    time_donating_steps,
     weight_bytes_read,
 )
 from jaxkv.cache import cache_memory_bytes
@@ -64,14 +65,10 @@ def _isolated(
         else {}
     )
     copies = _cache_copies(compiled.as_text(), state.cache.capacity)
-    cache, tokens = state.cache, state.tokens
-    logits, cache = compiled(params, cache, tokens, active)
-    jax.block_until_ready(logits)
-    t = time.perf_counter()
-    for _ in range(n_steps):
-        logits, cache = compiled(params, cache, tokens, active)
-    jax.block_until_ready((logits, cache))
-    return (time.perf_counter() - t) / n_steps, mem, copies
+    seconds = time_donating_steps(
+        lambda c: compiled(params, c, state.tokens, active), state.cache, n_steps
+    )
+    return seconds, mem, copies
 
 
 def measure_core(

@@ -109,25 +109,18 @@ def layout_step_times(
     config: ModelConfig, params: Params, position: int, capacity: int, n_steps: int
 ) -> dict[str, float]:
     """Isolated seconds per decode step of the two alternative layouts, batch 1."""
-    import time
-
-    from jaxkv.bench.common import synthetic_state
+    from jaxkv.bench.common import synthetic_state, time_donating_steps
     from jaxkv.decode import attention_span
 
     span = attention_span(position + n_steps, capacity)
     out = {}
     stacked_params = stack_params(params, config)
+    tokens = jnp.zeros((1,), jnp.int32)
     for name, scan in (("scan_layers_stacked_cache", True), ("unrolled_stacked_cache", False)):
         cache = stack_cache(synthetic_state(config, 1, position, capacity).cache)
         p = stacked_params if scan else params
-        tokens = jnp.zeros((1,), jnp.int32)
-        logits, cache = decode_step_stacked(p, cache, tokens, config=config, span=span, scan=scan)
-        jax.block_until_ready(logits)
-        t = time.perf_counter()
-        for _ in range(n_steps):
-            logits, cache = decode_step_stacked(
-                p, cache, tokens, config=config, span=span, scan=scan
-            )
-        jax.block_until_ready((logits, cache))
-        out[name] = (time.perf_counter() - t) / n_steps
+        step = lambda c, p=p, scan=scan: decode_step_stacked(
+            p, c, tokens, config=config, span=span, scan=scan
+        )
+        out[name] = time_donating_steps(step, cache, n_steps)
     return out
