@@ -27,10 +27,11 @@ from jaxkv.layers import apply_rope
 
 Array = jax.Array
 _init = nn.initializers.normal(stddev=0.02)
-# Decode attention (one query per row) as multiply-reduce (True) or as dots (False); None picks
-# per backend at trace time: dots on CPU, where they measured faster (BENCHMARKS.md), and
-# multiply-reduce elsewhere, where it lets XLA fuse the cache read. The benchmarks set it to
-# measure one form against the other.
+# Attention over the stored keys for one query per row (decode) as products (False) or as
+# multiply-reduce (True); None picks per backend at trace time: products on CPU, where
+# XLA:CPU's reductions are slow and the cache layout makes them plain matrix products
+# (BENCHMARKS.md), multiply-reduce elsewhere, where XLA fuses the cache read into one pass.
+# The benchmarks set it to measure one form against the other.
 DECODE_BY_REDUCTION: bool | None = None
 
 
@@ -58,55 +59,79 @@ def attention_mask(q_pos: Array, k_pos: Array, window: int | None) -> Array:
 def attend(
     q: Array,
     q_pos: Array,
-    parts: list[tuple[Array, Array, Array]],
+    new: tuple[Array, Array],
+    cached: tuple[Array, Array, Array] | None = None,
     window: int | None = None,
 ) -> Array:
-    """Grouped-query attention of q over one or more parts of keys and values.
+    """Grouped-query attention of q over the new tokens and, if given, the stored ones.
 
-    q: [B, S, n_kv_heads, q_per_kv, head_dim]; q_pos: [B, S]; each part is (k, v, k_pos) with
-    k, v: [B, T, n_kv_heads, head_dim] and k_pos: [B, T]. One softmax runs over the scores of
-    all parts (float32). With a cache the parts are the stored keys (read before this step's
-    write) and the new tokens' own keys, so attention never reads the buffer being updated:
-    XLA can then write it in place.
+    q: [B, S, N, G, H] (N KV heads with G query heads each, head dim H); q_pos: [B, S].
+    new: the new tokens' own (k, v), [B, S, N, H] each, at positions q_pos.
+    cached: stored (k [B, N, H, T], v [B, N, T, H], k_pos [B, T]) in the cache's layout (see
+    jaxkv.cache), read before this step's write.
+    One float32 softmax runs over the scores of both parts without concatenating them, so
+    attention never reads the buffer being written: XLA can then update it in place.
+    Returns [B, S, N, G, H].
     """
+    if q.shape[1] == 1:
+        return _attend_one(q[:, 0], q_pos[:, 0], new, cached, window)[:, None]
     scale = q.shape[-1] ** -0.5
-    one = q.shape[1] == 1 and _decode_by_reduction()
-    axis = 1 if one else -1  # the key axis of the scores
-    scores = []
-    for k, _, k_pos in parts:
-        if one:  # [B, T, N, G] by multiply-reduce (see _scores_one)
-            s = _scores_one(q, k)
-            mask = attention_mask(q_pos, k_pos, window)[:, 0, :, None, None]
-        else:  # [B, N, G, S, T]
-            s = jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32)
-            mask = attention_mask(q_pos, k_pos, window)[:, None, None]
+    k, v = new
+    s = jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32)
+    mask = attention_mask(q_pos, q_pos, window)[:, None, None]
+    scores = [jnp.where(mask, s * scale, _MASKED)]  # each [B, N, G, S, T]
+    if cached is not None:
+        ck, cv, k_pos = cached
+        s = jnp.einsum("bsngh,bnht->bngst", q, ck, preferred_element_type=jnp.float32)
+        mask = attention_mask(q_pos, k_pos, window)[:, None, None]
         scores.append(jnp.where(mask, s * scale, _MASKED))
-    # One softmax over all parts without concatenating them: shared max, summed denominators.
-    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=axis, keepdims=True) for s in scores])
+    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
     weights = [jnp.exp(s - top) for s in scores]
-    denom = sum(jnp.sum(w, axis=axis, keepdims=True) for w in weights)
-    out = None
-    for (_, v, _), w in zip(parts, weights, strict=True):
-        p = w / denom
-        if one:  # sum_t p[b, t, n, g] v[b, t, n, h]
-            o = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)[:, None]
-        else:
-            o = jnp.einsum(
-                "bngst,btnh->bsngh", p.astype(v.dtype), v, preferred_element_type=jnp.float32
-            )
-        out = o if out is None else out + o
+    denom = sum(jnp.sum(w, axis=-1, keepdims=True) for w in weights)
+    p = (weights[0] / denom).astype(v.dtype)
+    out = jnp.einsum("bngst,btnh->bsngh", p, v, preferred_element_type=jnp.float32)
+    if cached is not None:
+        p = (weights[1] / denom).astype(cv.dtype)
+        out += jnp.einsum("bngst,bnth->bsngh", p, cv, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 
 
-def _scores_one(q: Array, k: Array) -> Array:
-    """q . k for one query per row, as broadcast-multiply-reduce instead of a dot: [B, T, N, G].
-
-    With one query the products are matrix-vector work bound by reading K. Written as a
-    reduction, XLA fuses the read of the cache (and its slice to the span) into one pass,
-    where a dot would first copy the sliced K into a gemm-friendly layout.
-    """
-    qf = q[:, 0].astype(jnp.float32)  # [B, N, G, H]
-    return jnp.sum(qf[:, None] * k[:, :, :, None, :].astype(jnp.float32), axis=-1)
+def _attend_one(
+    q: Array,
+    q_pos: Array,
+    new: tuple[Array, Array],
+    cached: tuple[Array, Array, Array] | None,
+    window: int | None,
+) -> Array:
+    """`attend` for one query per row (decode): q [B, N, G, H], q_pos [B]; returns
+    [B, N, G, H]. The token's own key is an elementwise product; the stored keys are two
+    matrix products per KV head (or multiply-reduce, see DECODE_BY_REDUCTION)."""
+    scale = q.shape[-1] ** -0.5
+    qf = q.astype(jnp.float32)
+    k, v = new[0][:, 0, :, None, :], new[1][:, 0, :, None, :]  # [B, N, 1, H]
+    s_new = jnp.where(q_pos[:, None, None] >= 0, jnp.sum(qf * k, axis=-1) * scale, _MASKED)
+    if cached is None:  # the row sees only itself (or, as padding, nothing: an average)
+        return jnp.broadcast_to(v, q.shape).astype(q.dtype)
+    ck, cv, k_pos = cached
+    by_reduction = _decode_by_reduction()
+    if by_reduction:
+        s = jnp.sum(qf[..., None] * ck[:, :, None].astype(jnp.float32), axis=3)
+    else:
+        s = jnp.einsum("bngh,bnht->bngt", q, ck, preferred_element_type=jnp.float32)
+    mask = attention_mask(q_pos[:, None], k_pos, window)[:, :, None]  # [B, 1, 1, T]
+    s = jnp.where(mask, s * scale, _MASKED)
+    top = jnp.maximum(jnp.max(s, axis=-1), s_new)  # [B, N, G]
+    w = jnp.exp(s - top[..., None])
+    w_new = jnp.exp(s_new - top)
+    denom = jnp.sum(w, axis=-1) + w_new
+    if by_reduction:
+        o = jnp.sum(w[..., None] * cv[:, :, None].astype(jnp.float32), axis=3)
+    else:
+        o = jnp.einsum(
+            "bngt,bnth->bngh", w.astype(cv.dtype), cv, preferred_element_type=jnp.float32
+        )
+    o = (o + w_new[..., None] * v.astype(jnp.float32)) / denom[..., None]
+    return o.astype(q.dtype)
 
 
 class Attention(nn.Module):
@@ -134,12 +159,12 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
             k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
-        parts = [(k, v, positions)]  # the new tokens see each other (causally)
+        cached = None  # the new tokens see each other (causally) and what is stored before
         if kv is not None:
-            span = kv.k.shape[1] if span is None else span
-            if span > 0:  # and the tokens stored before them
-                parts.insert(0, (*kv.read(span), plan.cached_positions(span)))
-        out = attend(q, positions, parts, cfg.sliding_window)
+            span = kv.capacity if span is None else span
+            if span > 0:
+                cached = (*kv.read(span), plan.cached_positions(span))
+        out = attend(q, positions, (k, v), cached, cfg.sliding_window)
         if kv is not None:  # stored after attention read the cache: updated in place
             kv = kv.write(k, v, plan, after=out[:, :, :, 0])
         wo = self.param("o", _init, (cfg.n_kv_heads, g, hd, cfg.d_model), jnp.float32)

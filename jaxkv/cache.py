@@ -3,10 +3,15 @@
 A `KVCache` is an immutable pytree of fixed-shape arrays. It goes into jitted functions as an
 argument and comes back updated; nothing is hidden in module state.
 
-Layout (measured against a single stacked tensor, see BENCHMARKS.md):
+Layout (measured against token-major and stacked layouts, see BENCHMARKS.md):
 
-- one `LayerKV` per layer, with separate `k` and `v` leaves of shape
-  `[batch, capacity, n_kv_heads, head_dim]`;
+- one `LayerKV` per layer, with separate leaves per head and slot:
+  `k`: `[batch, n_kv_heads, head_dim, capacity]` (keys stored transposed) and
+  `v`: `[batch, n_kv_heads, capacity, head_dim]`.
+  Decode attention is then two plain matrix products per KV head with no transpose of the
+  stored data: scores = q [G, head_dim] @ k [head_dim, T] and out = p [G, T] @ v [T, head_dim]
+  (a token-major `[batch, capacity, heads, head_dim]` cache made XLA:CPU copy and transpose
+  the keys and values at every step);
 - `positions`: int32 `[batch, capacity]`, the sequence position stored in each slot, -1 for an
   empty slot. Attention masks with it, so rows may hold different amounts of padding and a row
   that stops simply stops filling slots;
@@ -19,9 +24,10 @@ Writing follows a small protocol that callers use without knowing the layout:
 `plan = cache.plan_write(positions)` decides where the new tokens go and which are stored;
 each layer reads what is stored with `layer.read(span)` (masked by
 `plan.cached_positions(span)`), attends over that plus its new keys, and stores them with
-`layer.write(k, v, plan, after=...)`; `cache.commit(plan, layers, after=...)` returns the new
+`layer.write(k, v, plan, after=...)` (new keys and values as the projections make them,
+`[batch, new, n_kv_heads, head_dim]`); `cache.commit(plan, layers, after=...)` returns the new
 cache. A ring buffer with attention sinks, int8 storage with scales, or a paged pool changes
-this module only.
+this module only (`read` returns the layout above whatever the storage).
 
 In-place updates: a write that XLA can order after every read of the same buffer is done in
 place; one it cannot order (the read and the write are independent computations) makes XLA
@@ -50,54 +56,84 @@ Array = jax.Array
 
 
 def _after(new: Array, after: Array | None) -> Array:
-    """`new`, made to depend on `after` (an array of new's shape, or of its leading dims)
-    without changing its value: elementwise, so sharded arrays need no communication. (A NaN
-    or inf in `after` makes the result NaN or -1, but then the computation is lost anyway.)"""
+    """`new`, made to depend on `after` (an array of new's shape) without changing its value:
+    elementwise, so sharded arrays need no communication. (A NaN or inf in `after` makes the
+    result NaN or -1, but then the computation is lost anyway.)"""
     if after is None:
         return new
-    after = after.reshape(after.shape + (1,) * (new.ndim - after.ndim))
     if jnp.issubdtype(new.dtype, jnp.integer):
         return jnp.where(after.astype(jnp.float32) <= jnp.inf, new, -1).astype(new.dtype)
     return new + (after * 0).astype(new.dtype)
 
 
 def _write_slots(
-    buf: Array, new: Array, index: Array, valid: Array, after: Array | None = None
+    buf: Array, new: Array, index: Array, valid: Array, axis: int, after: Array | None = None
 ) -> Array:
-    """Write `new` ([B, S, ...]) into `buf` ([B, C, ...]) at slots [index, index + S), keeping the
-    old contents where `valid` ([B, S]) is False, after `after` is computed."""
-    s = new.shape[1]
-    old = lax.dynamic_slice_in_dim(buf, index, s, axis=1)
-    mask = valid.reshape(valid.shape + (1,) * (new.ndim - 2))
-    update = jnp.where(mask, _after(new.astype(buf.dtype), after), old)
-    return lax.dynamic_update_slice_in_dim(buf, update, index, axis=1)
+    """Write `new` into `buf` at slots [index, index + S) of `axis` (new has S there, buf has
+    the capacity; both have the batch first), keeping the old contents where `valid` ([B, S])
+    is False, after `after` (shaped like `new`) is computed."""
+    s = new.shape[axis]
+    old = lax.dynamic_slice_in_dim(buf, index, s, axis=axis)
+    shape = [1] * new.ndim
+    shape[0], shape[axis] = valid.shape
+    update = jnp.where(valid.reshape(shape), _after(new.astype(buf.dtype), after), old)
+    return lax.dynamic_update_slice_in_dim(buf, update, index, axis=axis)
+
+
+# Where the slots are in each leaf, and how a [B, S, n_kv_heads, head_dim] projection output is
+# transposed into it.
+_K_SLOT_AXIS, _K_FROM_PROJECTION = 3, (0, 2, 3, 1)  # [B, N, H, C]
+_V_SLOT_AXIS, _V_FROM_PROJECTION = 2, (0, 2, 1, 3)  # [B, N, C, H]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerKV:
-    """Keys and values of one layer: `[batch, capacity, n_kv_heads, head_dim]` each."""
+    """Keys and values of one layer: k `[batch, n_kv_heads, head_dim, capacity]`,
+    v `[batch, n_kv_heads, capacity, head_dim]`."""
 
     k: Array
     v: Array
 
+    @classmethod
+    def zeros(
+        cls, batch_size: int, capacity: int, n_kv_heads: int, head_dim: int, dtype: Any
+    ) -> LayerKV:
+        return cls(
+            k=jnp.zeros((batch_size, n_kv_heads, head_dim, capacity), dtype),
+            v=jnp.zeros((batch_size, n_kv_heads, capacity, head_dim), dtype),
+        )
+
     def write(
         self, k_new: Array, v_new: Array, plan: WritePlan, after: Array | None = None
     ) -> LayerKV:
-        """Store this layer's new keys and values (`[B, S, n_kv_heads, head_dim]`), ordered
-        after `after` (the layer's attention output, shaped like them: see the module
-        docstring)."""
+        """Store this layer's new keys and values (`[B, S, n_kv_heads, head_dim]`, as the
+        projections make them), ordered after `after` (shaped like them: the layer's attention
+        output; see the module docstring)."""
+
+        def put(buf: Array, new: Array, perm: tuple[int, ...], axis: int) -> Array:
+            dep = None if after is None else after.transpose(perm)
+            return _write_slots(buf, new.transpose(perm), plan.index, plan.valid, axis, dep)
+
         return LayerKV(
-            k=_write_slots(self.k, k_new, plan.index, plan.valid, after),
-            v=_write_slots(self.v, v_new, plan.index, plan.valid, after),
+            k=put(self.k, k_new, _K_FROM_PROJECTION, _K_SLOT_AXIS),
+            v=put(self.v, v_new, _V_FROM_PROJECTION, _V_SLOT_AXIS),
         )
 
     def read(self, span: int) -> tuple[Array, Array]:
-        """Stored keys and values of the first `span` slots, for attention (read them before
-        `write`: attention takes this step's new keys from the projections directly)."""
-        if span == self.k.shape[1]:
+        """Stored keys `[B, n_kv_heads, head_dim, span]` and values
+        `[B, n_kv_heads, span, head_dim]` of the first `span` slots, for attention (read them
+        before `write`: attention takes this step's new keys from the projections directly)."""
+        if span == self.capacity:
             return self.k, self.v
-        return self.k[:, :span], self.v[:, :span]
+        return self.k[..., :span], self.v[:, :, :span]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[_K_SLOT_AXIS]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"k": tuple(self.k.shape), "v": tuple(self.v.shape)}
 
 
 @jax.tree_util.register_dataclass
@@ -142,9 +178,8 @@ class KVCache:
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         dtype = jnp.dtype(dtype or config.dtype)
-        shape = (batch_size, capacity, config.n_kv_heads, config.head_dim)
         layers = tuple(
-            LayerKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+            LayerKV.zeros(batch_size, capacity, config.n_kv_heads, config.head_dim, dtype)
             for _ in range(config.n_layers)
         )
         return cls(
@@ -196,7 +231,7 @@ class KVCache:
         s = plan.valid.shape[1]
         cols = jnp.arange(1, s + 1, dtype=jnp.int32)
         used = jnp.max(jnp.where(plan.valid, cols[None, :], 0))
-        table = _write_slots(self.positions, plan.positions, plan.index, plan.valid, after)
+        table = _write_slots(self.positions, plan.positions, plan.index, plan.valid, 1, after)
         return KVCache(
             layers=tuple(layers),
             positions=table,
@@ -210,14 +245,18 @@ class KVCache:
             raise ValueError(
                 f"cache has {self.n_layers} layers but the config has n_layers={config.n_layers}"
             )
-        want = (self.batch_size, self.capacity, config.n_kv_heads, config.head_dim)
+        b, c, n, h = self.batch_size, self.capacity, config.n_kv_heads, config.head_dim
+        want = {"k": (b, n, h, c), "v": (b, n, c, h)}
+        dims = {
+            "k": f"(batch, n_kv_heads={n}, head_dim={h}, capacity)",
+            "v": f"(batch, n_kv_heads={n}, capacity, head_dim={h})",
+        }
         for i, layer in enumerate(self.layers):
-            for name, arr in (("k", layer.k), ("v", layer.v)):
-                if tuple(arr.shape) != want:
+            for name, shape in layer.shapes().items():
+                if shape != want[name]:
                     raise ValueError(
-                        f"cache layer {i} {name} has shape {tuple(arr.shape)}, but the config "
-                        f"needs (batch, capacity, n_kv_heads={config.n_kv_heads}, "
-                        f"head_dim={config.head_dim}) = {want}"
+                        f"cache layer {i} {name} has shape {shape}, but the config needs "
+                        f"{dims[name]} = {want[name]}"
                     )
         if batch_size is not None and batch_size != self.batch_size:
             raise ValueError(

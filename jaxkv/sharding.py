@@ -146,7 +146,7 @@ def shard_params(params: Any, config: ModelConfig, mesh: Mesh) -> Any:
 def cache_specs(rules: Rules) -> dict[str, P]:
     h = MODEL if rules.heads else None
     return {
-        "kv": P(DATA, None, h, None),
+        "kv": P(DATA, h, None, None),  # k [B, N, H, C] and v [B, N, C, H]: heads second
         "positions": P(DATA, None),
         "lengths": P(DATA),
         "index": P(),

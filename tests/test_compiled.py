@@ -79,8 +79,9 @@ def test_attention_span_rounding():
 
 
 def test_benchmark_layout_variants_compute_the_same_step(rng):
-    """The layouts BENCHMARKS.md compares (layers under lax.scan over a stacked cache, and
-    unrolled layers over a stacked cache) give the library's logits and cache contents."""
+    """The layouts BENCHMARKS.md compares (layers under lax.scan over a stacked cache,
+    unrolled layers over a stacked cache, a token-major cache) give the library's logits and
+    cache contents."""
     from jaxkv.bench import variants
 
     cfg, params = tiny("test-gqa")
@@ -96,14 +97,27 @@ def test_benchmark_layout_variants_compute_the_same_step(rng):
         )
         np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=0)
         np.testing.assert_allclose(cache.layers[0].k[1], ref_cache.layers[1].k, atol=1e-6)
+        np.testing.assert_allclose(cache.layers[0].v[1], ref_cache.layers[1].v, atol=1e-6)
         np.testing.assert_array_equal(cache.lengths, ref_cache.lengths)
+    _, cache = jaxkv.prefill(params, cfg, prompts, capacity=64)
+    logits, cache = variants.decode_step_token_major(
+        params, variants.token_major_cache(cache), tokens, config=cfg, span=64
+    )
+    np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=0)
+    want = variants.token_major_cache(ref_cache)
+    for got, ref in zip(cache.layers, want.layers, strict=True):
+        np.testing.assert_allclose(got.k, ref.k, atol=1e-6)
+        np.testing.assert_allclose(got.v, ref.v, atol=1e-6)
 
 
 def _cache_sized_copies(hlo_text: str, capacity: int) -> list[str]:
+    """Copy instructions whose result has a dimension of the cache's capacity."""
+    copy = re.compile(r"=\s*(\S+)\s+copy(-start)?\(")
+    dims = re.compile(rf"\[[0-9,]*\b{capacity}\b[0-9,]*\]")
     return [
         line.strip()[:160]
         for line in hlo_text.splitlines()
-        if re.search(r"\bcopy(-start)?\(", line) and f",{capacity}," in line
+        if (m := copy.search(line)) and dims.search(m.group(1))
     ]
 
 

@@ -51,9 +51,10 @@ def test_sharded_generate_equals_one_device(name, shape):
     np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(ref.tokens))
     np.testing.assert_array_equal(np.asarray(res.lengths), np.asarray(ref.lengths))
     logits, cache = jaxkv.prefill(sharded, config, prompts, capacity=32, mesh=mesh)
-    k0 = cache.layers[0].k
-    want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model"))
+    k0 = cache.layers[0].k  # [B, n_kv_heads, head_dim, capacity]: rows on data, heads on model
+    want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
     assert k0.sharding.is_equivalent_to(want, k0.ndim)
+    assert cache.layers[0].v.sharding.is_equivalent_to(want, k0.ndim)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=TOL, rtol=0)
     step, cache = jaxkv.decode_step(sharded, config, cache, jnp.argmax(logits, -1), mesh=mesh)
     np.testing.assert_allclose(np.asarray(step), np.asarray(ref_step), atol=TOL, rtol=0)
@@ -129,7 +130,7 @@ def test_decode_step_never_moves_the_cache():
         .compile()
         .as_text()
     )
-    shard = cache.layers[0].k.addressable_shards[0].data.size  # 4 * 256 * 2 * 8
+    shard = cache.layers[0].k.addressable_shards[0].data.size  # 4 * 2 * 8 * 256
     ops = _collectives(hlo)
     assert ops, "a model-parallel step must communicate"
     assert max(n for _, n in ops) * 16 <= shard, ops

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.cache import KVCache, LayerKV
+from jaxkv.cache import KVCache
 from jaxkv.config import ModelConfig
 from jaxkv.decode import DecodeState, _decode_step_jit, _resume_jit
 from jaxkv.model import Params, Transformer
@@ -136,21 +136,15 @@ def synthetic_state(
     @jax.jit
     def make(key: jax.Array) -> DecodeState:
         cache = KVCache.init(config, batch, capacity)
+        positions = jnp.arange(position, dtype=jnp.int32)
+        plan = cache.plan_write(jnp.broadcast_to(positions, (batch, position)))
         shape = (batch, position, config.n_kv_heads, config.head_dim)
         layers = []
         for i, layer in enumerate(cache.layers):
             kk, kv = jax.random.split(jax.random.fold_in(key, i))
-            k = layer.k.at[:, :position].set(jax.random.normal(kk, shape, dtype))
-            v = layer.v.at[:, :position].set(jax.random.normal(kv, shape, dtype))
-            layers.append(LayerKV(k=k, v=v))
-        slots = jnp.arange(capacity, dtype=jnp.int32)
-        positions = jnp.broadcast_to(jnp.where(slots < position, slots, -1), (batch, capacity))
-        cache = KVCache(
-            layers=tuple(layers),
-            positions=positions,
-            lengths=jnp.full((batch,), position, jnp.int32),
-            index=jnp.int32(position),
-        )
+            k, v = jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype)
+            layers.append(layer.write(k, v, plan))
+        cache = cache.commit(plan, tuple(layers))
         return DecodeState(
             cache=cache,
             tokens=jnp.zeros((batch,), jnp.int32),

@@ -1,12 +1,15 @@
 """Alternative layer/cache layouts, kept only to measure them against the library's choice
-(unrolled layers, one K and one V leaf per layer).
+(unrolled layers, one K and one V leaf per layer, keys stored transposed: see jaxkv.cache).
 
-- "scan": layers under `lax.scan` with stacked params, K/V stacked as [layers, B, C, H, D]
-  and carried through the scan, written in place at (layer, slot).
+- "scan": layers under `lax.scan` with stacked params, K/V stacked as [layers, ...] and carried
+  through the scan, written in place at (layer, slot).
 - "stacked": unrolled layers, but K/V stacked as above (one leaf each for all layers).
+- "token_major": unrolled layers, one leaf per layer, but K and V stored token-major,
+  [B, capacity, n_kv_heads, head_dim] (jaxkv's layout before 2026-11-29); attention reads them
+  transposed into the layout it multiplies with.
 
-Both reuse the library's Block and the cache's write protocol: `StackedLayerKV` is a drop-in
-for `LayerKV` that reads and writes one layer of a stacked buffer.
+All reuse the library's Block and the cache's write protocol: `StackedLayerKV` and
+`TokenMajorLayerKV` are drop-ins for `LayerKV`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxkv.cache import KVCache, LayerKV, WritePlan, _after
+from jaxkv.cache import (
+    _K_FROM_PROJECTION,
+    _K_SLOT_AXIS,
+    _V_FROM_PROJECTION,
+    _V_SLOT_AXIS,
+    KVCache,
+    LayerKV,
+    WritePlan,
+    _after,
+    _write_slots,
+)
 from jaxkv.config import ModelConfig
 from jaxkv.layers import Norm
 from jaxkv.model import Block, Params
@@ -27,31 +40,77 @@ from jaxkv.model import Block, Params
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StackedLayerKV:
-    """Layer `layer` of K/V buffers stacked over layers: [L, B, C, H, D]."""
+    """Layer `layer` of K/V buffers stacked over layers: [L, *LayerKV's layout]."""
 
     k: jax.Array
     v: jax.Array
     layer: jax.Array
 
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1 + _K_SLOT_AXIS]
+
     def write(
         self, k_new: jax.Array, v_new: jax.Array, plan: WritePlan, after: jax.Array | None = None
     ) -> StackedLayerKV:
-        def put(buf: jax.Array, new: jax.Array) -> jax.Array:
-            s = new.shape[1]
-            start = (self.layer, 0, plan.index, 0, 0)
-            old = lax.dynamic_slice(buf, start, (1, *new.shape[:1], s, *new.shape[2:]))[0]
-            mask = plan.valid[:, :, None, None]
-            update = jnp.where(mask, _after(new.astype(buf.dtype), after), old)
+        def put(buf: jax.Array, new: jax.Array, perm: tuple[int, ...], axis: int) -> jax.Array:
+            new = new.transpose(perm)
+            dep = None if after is None else after.transpose(perm)
+            start = [self.layer] + [0] * new.ndim
+            start[1 + axis] = plan.index
+            old = lax.dynamic_slice(buf, start, (1, *new.shape))[0]
+            shape = [1] * new.ndim
+            shape[0], shape[axis] = plan.valid.shape
+            update = jnp.where(plan.valid.reshape(shape), _after(new.astype(buf.dtype), dep), old)
             return lax.dynamic_update_slice(buf, update[None], start)
 
-        return StackedLayerKV(put(self.k, k_new), put(self.v, v_new), self.layer)
+        return StackedLayerKV(
+            put(self.k, k_new, _K_FROM_PROJECTION, _K_SLOT_AXIS),
+            put(self.v, v_new, _V_FROM_PROJECTION, _V_SLOT_AXIS),
+            self.layer,
+        )
 
     def read(self, span: int) -> tuple[jax.Array, jax.Array]:
-        def get(buf: jax.Array) -> jax.Array:
-            shape = (1, buf.shape[1], span, *buf.shape[3:])
-            return lax.dynamic_slice(buf, (self.layer, 0, 0, 0, 0), shape)[0]
+        def get(buf: jax.Array, axis: int) -> jax.Array:
+            shape = [1, *buf.shape[1:]]
+            shape[1 + axis] = span
+            return lax.dynamic_slice(buf, (self.layer,) + (0,) * (buf.ndim - 1), shape)[0]
 
-        return get(self.k), get(self.v)
+        return get(self.k, _K_SLOT_AXIS), get(self.v, _V_SLOT_AXIS)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenMajorLayerKV:
+    """One layer's K and V stored token-major: [B, capacity, n_kv_heads, head_dim] each."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def write(
+        self, k_new: jax.Array, v_new: jax.Array, plan: WritePlan, after: jax.Array | None = None
+    ) -> TokenMajorLayerKV:
+        return TokenMajorLayerKV(
+            k=_write_slots(self.k, k_new, plan.index, plan.valid, 1, after),
+            v=_write_slots(self.v, v_new, plan.index, plan.valid, 1, after),
+        )
+
+    def read(self, span: int) -> tuple[jax.Array, jax.Array]:
+        k, v = self.k[:, :span], self.v[:, :span]
+        return k.transpose(_K_FROM_PROJECTION), v.transpose(_V_FROM_PROJECTION)
+
+
+def token_major_cache(cache: KVCache) -> KVCache:
+    """The same cache with every layer's K and V stored token-major."""
+    layers = tuple(
+        TokenMajorLayerKV(k=layer.k.transpose(0, 3, 1, 2), v=layer.v.transpose(0, 2, 1, 3))
+        for layer in cache.layers
+    )
+    return dataclasses.replace(cache, layers=layers)
 
 
 def stack_params(params: Params, config: ModelConfig) -> Params:
@@ -105,10 +164,26 @@ def decode_step_stacked(
     return logits, cache.commit(plan, (LayerKV(k=k_all, v=v_all),), after=x[..., 0])
 
 
+@functools.partial(jax.jit, static_argnames=("config", "span"), donate_argnames=("cache",))
+def decode_step_token_major(
+    params: Params, cache: KVCache, tokens: jax.Array, *, config: ModelConfig, span: int
+) -> tuple[jax.Array, KVCache]:
+    """One decode step over a token-major cache (see token_major_cache), layers unrolled."""
+    positions = cache.lengths[:, None]
+    plan = cache.plan_write(positions)
+    x = jnp.take(params["embed"], tokens[:, None], axis=0).astype(config.jnp_dtype)
+    block, layers = Block(config), []
+    for i, kv in enumerate(cache.layers):
+        x, kv = block.apply({"params": params[f"layers_{i}"]}, x, positions, kv, plan, span)
+        layers.append(kv)
+    logits = _head(params, config, x)[:, 0]
+    return logits, cache.commit(plan, tuple(layers), after=x[..., 0])
+
+
 def layout_step_times(
     config: ModelConfig, params: Params, position: int, capacity: int, n_steps: int
 ) -> dict[str, float]:
-    """Isolated seconds per decode step of the two alternative layouts, batch 1."""
+    """Isolated seconds per decode step of the alternative layouts, batch 1."""
     from jaxkv.bench.common import synthetic_state, time_donating_steps
     from jaxkv.decode import attention_span
 
@@ -123,4 +198,7 @@ def layout_step_times(
             p, c, tokens, config=config, span=span, scan=scan
         )
         out[name] = time_donating_steps(step, cache, n_steps)
+    cache = token_major_cache(synthetic_state(config, 1, position, capacity).cache)
+    step = lambda c: decode_step_token_major(params, c, tokens, config=config, span=span)
+    out["unrolled_token_major_cache"] = time_donating_steps(step, cache, n_steps)
     return out
