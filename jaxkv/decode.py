@@ -78,7 +78,7 @@ class DecodeState:
     cache: the KV cache (holds everything before `tokens`).
     tokens: int32 [B], each row's last emitted token, not yet written to the cache.
     done: bool [B], rows that have stopped.
-    key: the PRNG key the next step splits.
+    key: the PRNG key the next sampling step splits (greedy steps leave it as it is).
     """
 
     cache: KVCache
@@ -132,10 +132,19 @@ def _decode(
     return logits[:, 0], constrain_cache(cache, rules)
 
 
+def _split(key: Array, sampling: SamplingConfig) -> tuple[Array, Array]:
+    """(next key, key for this step's draw). Greedy steps draw nothing and keep the key (the
+    split is a handful of kernels per step on CPU)."""
+    if sampling.greedy:
+        return key, key
+    key, sub = jax.random.split(key)
+    return key, sub
+
+
 def _start(
     logits: Array, cache: KVCache, key: Array, sampling: SamplingConfig, eos: Array
 ) -> DecodeState:
-    key, sub = jax.random.split(key)
+    key, sub = _split(key, sampling)
     tokens = sample(logits, sub, sampling)
     return DecodeState(cache=cache, tokens=tokens, done=jnp.isin(tokens, eos), key=key)
 
@@ -156,7 +165,7 @@ def _step(
     active = ~state.done & allowed
     logits, cache = _decode(params, config, state.cache, state.tokens, active, span, rules)
     stored = cache.lengths > state.cache.lengths  # False where the cache had no room
-    key, sub = jax.random.split(state.key)
+    key, sub = _split(state.key, sampling)
     nxt = sample(logits, sub, sampling)
     emitted = jnp.where(stored, nxt, pad_id)
     done = state.done | (active & ~stored) | (stored & jnp.isin(nxt, eos))
@@ -507,7 +516,7 @@ def generate(
 
     prompts: a sequence of token-id sequences (any lengths) or an int array [B, S].
     capacity: cache slots per row (default: the prompt bucket + max_new_tokens).
-    key: a PRNG key or an int seed; each step splits it once.
+    key: a PRNG key or an int seed; each sampling step splits it once.
     mesh: a ('data', 'model') mesh to run on, with params placed by `shard_params`.
     """
     r = _request(config, prompts, max_new_tokens, sampling, eos_ids, pad_id, key, capacity, mesh)

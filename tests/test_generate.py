@@ -184,6 +184,13 @@ def test_sampling_determinism_and_top_k_one_is_greedy(rng):
         key=9,
     )
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+    # Sampling splits the key once per draw (12 here); greedy draws nothing and keeps it.
+    key_data = lambda k: np.asarray(jax.random.key_data(k))
+    want = jax.random.key(1)
+    for _ in range(12):
+        want, _ = jax.random.split(want)
+    np.testing.assert_array_equal(key_data(a.state.key), key_data(want))
+    np.testing.assert_array_equal(key_data(greedy.state.key), key_data(jax.random.key(0)))
 
 
 def test_generate_compiles_once_per_bucket(rng):
