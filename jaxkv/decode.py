@@ -63,9 +63,10 @@ def bucket_length(n: int, capacity: int) -> int:
 def attention_span(last_slot: int, capacity: int) -> int:
     """Slots attention covers when nothing is written past `last_slot` (exclusive): that many,
     rounded up to SPAN_ALIGN. On CPU, where reading a prefix of the cache copies it first,
-    a span over 3/4 of the capacity reads the whole cache instead (measured faster there)."""
+    a span over half the capacity reads the whole cache instead (measured as fast or faster:
+    llama-3m at position 1024 of 2048, 0.65 ms/step whole against 0.75 for a 1152 span)."""
     span = min(capacity, -(-last_slot // SPAN_ALIGN) * SPAN_ALIGN)
-    if jax.default_backend() == "cpu" and 4 * span > 3 * capacity:
+    if jax.default_backend() == "cpu" and 2 * span > capacity:
         return capacity
     return span
 

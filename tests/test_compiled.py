@@ -76,6 +76,10 @@ def test_attention_span_rounding():
     assert attention_span(128, 4096) == 128
     assert attention_span(129, 4096) == 256
     assert attention_span(300, 200) == 200
+    # On CPU a span over half the capacity reads the whole cache (no copy of a prefix).
+    assert jax.default_backend() == "cpu"
+    assert attention_span(1000, 2048) == 1024
+    assert attention_span(1100, 2048) == 2048
 
 
 def test_benchmark_layout_variants_compute_the_same_step(rng):
