@@ -114,21 +114,10 @@ def test_benchmark_layout_variants_compute_the_same_step(rng):
         np.testing.assert_allclose(got.v, ref.v, atol=1e-6)
 
 
-def _cache_sized_copies(hlo_text: str, capacity: int) -> list[str]:
-    """Copy instructions whose result has a dimension of the cache's capacity."""
-    copy = re.compile(r"=\s*(\S+)\s+copy(-start)?\(")
-    dims = re.compile(rf"\[[0-9,]*\b{capacity}\b[0-9,]*\]")
-    return [
-        line.strip()[:160]
-        for line in hlo_text.splitlines()
-        if (m := copy.search(line)) and dims.search(m.group(1))
-    ]
-
-
 def test_no_copy_of_the_cache_in_decode_step_or_scan():
     """The cache is updated in place: neither the donated decode step nor the generation
     loop copies a cache-sized buffer (see the in-place note in jaxkv/cache.py)."""
-    from jaxkv.bench.common import synthetic_state
+    from jaxkv.bench.common import cache_sized_copies, synthetic_state
 
     cfg, params = tiny("test-gqa")
     state = synthetic_state(cfg, 2, 16, 4096)
@@ -139,7 +128,7 @@ def test_no_copy_of_the_cache_in_decode_step_or_scan():
         .compile()
         .as_text()
     )
-    assert _cache_sized_copies(step, 4096) == []
+    assert cache_sized_copies(step, 4096) == []
     loop = (
         _resume_jit.lower(
             params,
@@ -155,4 +144,4 @@ def test_no_copy_of_the_cache_in_decode_step_or_scan():
         .compile()
         .as_text()
     )
-    assert _cache_sized_copies(loop, 4096) == []
+    assert cache_sized_copies(loop, 4096) == []

@@ -7,6 +7,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -226,6 +227,18 @@ def compiled_flops(jitted: Any, *args: Any, **kwargs: Any) -> float:
     if isinstance(cost, list):
         cost = cost[0]
     return float(cost.get("flops", 0.0))
+
+
+def cache_sized_copies(hlo_text: str, capacity: int) -> list[str]:
+    """Copy instructions of a compiled program whose result has a dimension of the cache's
+    capacity (there should be none: the cache is updated in place)."""
+    copy = re.compile(r"=\s*(\S+)\s+copy(-start)?\(")
+    dims = re.compile(rf"\[[0-9,]*\b{capacity}\b[0-9,]*\]")
+    return [
+        line.strip()[:160]
+        for line in hlo_text.splitlines()
+        if (m := copy.search(line)) and dims.search(m.group(1))
+    ]
 
 
 def memory_analysis(jitted: Any, *args: Any, **kwargs: Any) -> dict[str, int]:

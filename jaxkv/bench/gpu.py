@@ -7,7 +7,6 @@ bandwidth / step time. Designed to finish in a few minutes on one H100.
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from typing import Any
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxkv.bench import variants
 from jaxkv.bench.common import (
+    cache_sized_copies,
     copy_bandwidth,
     dot_attention_step_time,
     kv_bytes_read,
@@ -34,15 +34,6 @@ from jaxkv.decode import _decode_step_jit, attention_span
 
 def _log(msg: str) -> None:
     print(f"[bench-gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _cache_copies(hlo: str, capacity: int) -> int:
-    """Copies of cache-sized buffers in a compiled program (should be 0: in-place updates)."""
-    return sum(
-        1
-        for line in hlo.splitlines()
-        if re.search(r"\bcopy(-start)?\(", line) and f",{capacity}," in line
-    )
 
 
 def _isolated(
@@ -64,7 +55,7 @@ def _isolated(
         if m is not None
         else {}
     )
-    copies = _cache_copies(compiled.as_text(), state.cache.capacity)
+    copies = len(cache_sized_copies(compiled.as_text(), state.cache.capacity))
     seconds = time_donating_steps(
         lambda c: compiled(params, c, state.tokens, active), state.cache, n_steps
     )
