@@ -113,7 +113,10 @@ def test_greedy_continuations_match_transformers(family):
     model.generation_config.pad_token_id = 0
     for b, p in enumerate(prompts):
         with torch.no_grad():
-            out = model.generate(torch.tensor([p]), max_new_tokens=N_GREEDY, do_sample=False)
+            ids = torch.tensor([p])  # an explicit mask: HF would mask tokens equal to pad_id
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_GREEDY, do_sample=False
+            )
         assert out.shape[1] == len(p) + N_GREEDY
         assert ours[b].tolist() == out[0, len(p) :].tolist(), (name, b)
 

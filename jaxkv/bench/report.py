@@ -50,6 +50,8 @@ def markdown(r: dict[str, Any]) -> str:
                     "XLA FLOP ratio",
                     "analytic ratio",
                     "time/FLOP ratio",
+                    "cached GFLOP/s",
+                    "uncached GFLOP/s",
                     "same tokens",
                 ],
                 [
@@ -61,6 +63,8 @@ def markdown(r: dict[str, Any]) -> str:
                         x["flop_ratio"],
                         x["analytic_ratio"],
                         x["time_ratio"] / x["flop_ratio"],
+                        x.get("cached_gflop_s", float("nan")),
+                        x.get("uncached_gflop_s", float("nan")),
                         x["same_tokens"],
                     ]
                     for x in r["cached_vs_uncached"]
@@ -120,13 +124,19 @@ def markdown(r: dict[str, Any]) -> str:
         ]
     if "weight_bandwidth" in r:
         w = r["weight_bandwidth"]
-        out += [
-            f"Weight bandwidth (llama-110m, batch 1): {w['step_s'] * 1e3:.2f} ms/step in "
-            f"a scan ({w['isolated_step_s'] * 1e3:.2f} ms isolated), "
-            f"{w['weight_bytes_per_s'] / 1e9:.1f} GB/s = "
-            f"{w['fraction_of_copy_bw']:.2f} of copy bandwidth",
-            "",
-        ]
+        for name, key in (
+            ("llama-110m", "weight_bandwidth"),
+            ("llama-3m", "weight_bandwidth_small"),
+        ):
+            if key in r:
+                x = r[key]
+                out += [
+                    f"Weight bandwidth ({name}, batch 1): {x['step_s'] * 1e3:.3g} ms/step in "
+                    f"a scan ({x['isolated_step_s'] * 1e3:.3g} ms isolated), "
+                    f"{x['weight_bytes_per_s'] / 1e9:.1f} GB/s = "
+                    f"{x['fraction_of_copy_bw']:.2f} of copy bandwidth",
+                    "",
+                ]
         mem = w.get("compiled_memory") or {}
         if mem:
             out += [
