@@ -273,7 +273,8 @@ def weight_bandwidth(
     """Weight bytes a decode step reads / step time, as a fraction of the copy bandwidth."""
     _log("weight bandwidth")
     make = lambda: synthetic_state(config, 1, 32, 256)
-    step = scan_step_time(params, config, make, n_steps, attention_span(32 + n_steps, 256))
+    span = attention_span(32 + n_steps, 256)
+    step = scan_step_time(params, config, make, n_steps, span, repeats=7)
     iso = isolated_step_time(params, config, make(), n_steps, 256)
     read = weight_bytes_read(params, config, 1)
     state = make()
@@ -323,14 +324,18 @@ def run(quick: bool, copy_bw: float, smoke: bool = False) -> dict[str, Any]:
     # FLOP rate (2 FLOPs per 4-byte weight read), which the cached-vs-uncached ratio meets.
     out["weight_bandwidth_small"] = weight_bandwidth(small, params_small, copy_bw)
     out["layouts_isolated_ms"] = {}
+    points = [(128, 512), (1024, 2048)] if not smoke else [(16, 64)]
     for name, cfg, p in (("llama-3m", small, params_small), ("llama-110m", large, params_large)):
-        _log(f"layer/cache layouts: {name}")
-        lib = isolated_step_time(p, cfg, synthetic_state(cfg, 1, 128, 512), 32, 256)
-        alt = variants.layout_step_times(cfg, p, 128, 512, 32)
-        out["layouts_isolated_ms"][name] = {
-            "unrolled_per_layer_cache": lib * 1e3,
-            **{k: v * 1e3 for k, v in alt.items()},
-        }
+        for position, capacity in points:
+            _log(f"layer/cache layouts: {name}, position {position} of {capacity}")
+            span = attention_span(position + 32, capacity)
+            state = synthetic_state(cfg, 1, position, capacity)
+            lib = isolated_step_time(p, cfg, state, 32, span)
+            alt = variants.layout_step_times(cfg, p, position, capacity, 32)
+            out["layouts_isolated_ms"][f"{name}, position {position} of {capacity}"] = {
+                "unrolled_per_layer_cache": lib * 1e3,
+                **{k: v * 1e3 for k, v in alt.items()},
+            }
     out["compilation"] = compilation(large, params_large, 16)
     out["compile_s"] = out["compilation"]["compile_s"]
     try:

@@ -146,13 +146,17 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{mem['alias'] / 2**20:.1f} MiB, temporaries {mem['temp'] / 2**20:.2f} MiB",
                 "",
             ]
-    if "layouts_isolated_ms" in r:
-        for name, times in r["layouts_isolated_ms"].items():
-            out += [
-                f"Layer/cache layouts, {name} batch 1 (isolated ms/step): "
-                + ", ".join(f"{k} {v:.3f}" for k, v in times.items()),
-                "",
-            ]
+    if r.get("layouts_isolated_ms"):
+        layouts = r["layouts_isolated_ms"]
+        names = list(next(iter(layouts.values())))
+        out += [
+            "### Layer and cache layouts (batch 1, isolated ms/step)",
+            "",
+            _table(
+                ["model, point", *names], [[k, *(v[n] for n in names)] for k, v in layouts.items()]
+            ),
+            "",
+        ]
     if "compilation" in r:
         c = r["compilation"]
         out += [
