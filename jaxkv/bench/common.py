@@ -4,6 +4,7 @@ params, prefilled decode states, step timing, compiled cost and memory."""
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import os
 import platform
@@ -132,30 +133,34 @@ def synthetic_state(
 ) -> DecodeState:
     """A decode state as if every row had `position` tokens stored (small random K/V), made
     without running (or compiling) a prefill. Decode speed does not depend on the values."""
-    dtype = config.jnp_dtype
-
-    @jax.jit
-    def make(key: jax.Array) -> DecodeState:
-        cache = KVCache.init(config, batch, capacity)
-        positions = jnp.arange(position, dtype=jnp.int32)
-        plan = cache.plan_write(jnp.broadcast_to(positions, (batch, position)))
-        shape = (batch, position, config.n_kv_heads, config.head_dim)
-        layers = []
-        for i, layer in enumerate(cache.layers):
-            kk, kv = jax.random.split(jax.random.fold_in(key, i))
-            k, v = jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype)
-            layers.append(layer.write(k, v, plan))
-        cache = cache.commit(plan, tuple(layers))
-        return DecodeState(
-            cache=cache,
-            tokens=jnp.zeros((batch,), jnp.int32),
-            done=jnp.zeros((batch,), bool),
-            key=key,
-        )
-
-    state = make(jax.random.key(seed))
+    state = _synthetic_state(
+        jax.random.key(seed), config=config, batch=batch, position=position, capacity=capacity
+    )
     jax.block_until_ready(state)
     return state
+
+
+@functools.partial(jax.jit, static_argnames=("config", "batch", "position", "capacity"))
+def _synthetic_state(
+    key: jax.Array, *, config: ModelConfig, batch: int, position: int, capacity: int
+) -> DecodeState:
+    dtype = config.jnp_dtype
+    cache = KVCache.init(config, batch, capacity)
+    positions = jnp.arange(position, dtype=jnp.int32)
+    plan = cache.plan_write(jnp.broadcast_to(positions, (batch, position)))
+    shape = (batch, position, config.n_kv_heads, config.head_dim)
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        kk, kv = jax.random.split(jax.random.fold_in(key, i))
+        k, v = jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype)
+        layers.append(layer.write(k, v, plan))
+    cache = cache.commit(plan, tuple(layers))
+    return DecodeState(
+        cache=cache,
+        tokens=jnp.zeros((batch,), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+        key=key,
+    )
 
 
 def scan_step_time(

@@ -324,7 +324,7 @@ def run(quick: bool, copy_bw: float, smoke: bool = False) -> dict[str, Any]:
     # FLOP rate (2 FLOPs per 4-byte weight read), which the cached-vs-uncached ratio meets.
     out["weight_bandwidth_small"] = weight_bandwidth(small, params_small, copy_bw)
     out["layouts_isolated_ms"] = {}
-    points = [(128, 512), (1024, 2048)] if not smoke else [(16, 64)]
+    points = [(16, 64)] if smoke else [(1024, 2048)] if quick else [(128, 512), (1024, 2048)]
     for name, cfg, p in (("llama-3m", small, params_small), ("llama-110m", large, params_large)):
         for position, capacity in points:
             _log(f"layer/cache layouts: {name}, position {position} of {capacity}")
