@@ -173,9 +173,22 @@ def scan_step_time(
 ) -> float:
     """Seconds per decode step inside one compiled lax.scan of n_steps (decode + sampling),
     the loop `generate` runs. Each timed run starts from a fresh prefilled state."""
+    return interleaved_scan_step_times(params, config, [(make_state, span)], n_steps, repeats)[0]
+
+
+def interleaved_scan_step_times(
+    params: Params,
+    config: ModelConfig,
+    cases: list[tuple[Callable[[], DecodeState], int]],
+    n_steps: int,
+    rounds: int,
+) -> list[float]:
+    """`scan_step_time` of several (make_state, span) cases, timed in turn round after round
+    (best of `rounds` each), so a slow spell of a shared machine hits every case alike: use
+    it for ratios."""
     eos, pad = np.zeros(0, np.int32), np.int32(0)
 
-    def run() -> None:
+    def run(make_state: Callable[[], DecodeState], span: int) -> float:
         state = make_state()
         t = time.perf_counter()
         out = _resume_jit(
@@ -190,14 +203,12 @@ def scan_step_time(
             span=span,
         )
         jax.block_until_ready(out)
-        times.append(time.perf_counter() - t)
+        return time.perf_counter() - t
 
-    times: list[float] = []
-    run()  # compile
-    times.clear()
-    for _ in range(repeats):
-        run()
-    return min(times) / n_steps
+    for case in cases:
+        run(*case)  # compile
+    times = [[run(*case) for case in cases] for _ in range(rounds)]
+    return [min(col) / n_steps for col in zip(*times, strict=True)]
 
 
 def time_donating_steps(step: Callable[[Any], tuple[Any, Any]], cache: Any, n_steps: int) -> float:

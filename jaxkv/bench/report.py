@@ -90,7 +90,10 @@ def markdown(r: dict[str, Any]) -> str:
                 ],
             ),
             "",
-            f"capacity_step_ratio (32768 / 512): {r['capacity_step_ratio']:.3f}",
+            f"capacity_step_ratio ({' / '.join(reversed(list(s.get('interleaved_step_s', {}))))}"
+            ", the two timed in turn): "
+            f"{r['capacity_step_ratio']:.3f} (from the sweep above: "
+            f"{s.get('capacity_step_ratio_sweep', float('nan')):.3f})",
             "",
         ]
     if r.get("vs_transformers"):
