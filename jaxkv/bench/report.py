@@ -137,7 +137,9 @@ def markdown(r: dict[str, Any]) -> str:
                     f"Weight bandwidth ({name}, batch 1): {x['step_s'] * 1e3:.3g} ms/step in "
                     f"a scan ({x['isolated_step_s'] * 1e3:.3g} ms isolated), "
                     f"{x['weight_bytes_per_s'] / 1e9:.1f} GB/s = "
-                    f"{x['fraction_of_copy_bw']:.2f} of copy bandwidth",
+                    f"{x['fraction_of_copy_bw']:.2f} of the copy bandwidth "
+                    f"({x.get('copy_bw_bytes_per_s', float('nan')) / 1e9:.1f} GB/s, measured "
+                    "in turn with the step)",
                     "",
                 ]
         mem = w.get("compiled_memory") or {}
