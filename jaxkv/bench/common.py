@@ -237,6 +237,43 @@ def isolated_step_time(
     )
 
 
+def weight_matrices(params: Params, config: ModelConfig) -> list[jax.Array]:
+    """Every weight matrix a decode step multiplies by, as [in, out] (free reshapes of the
+    params): per layer qkv, o, wi, wo, then the output head."""
+    out = []
+    for i in range(config.n_layers):
+        layer = params[f"layers_{i}"]
+        qkv, o = layer["attn"]["qkv"], layer["attn"]["o"]
+        wi, wo = layer["mlp"]["wi"], layer["mlp"]["wo"]
+        out += [qkv.reshape(qkv.shape[0], -1), o.reshape(-1, o.shape[-1])]
+        out += [wi.reshape(wi.shape[0], -1), wo]
+    out.append(params["embed"].T if config.tie_embeddings else params["lm_head"])
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("n_steps",))
+def _gemv_chain(x: jax.Array, mats: list[jax.Array], n_steps: int) -> jax.Array:
+    def body(x: jax.Array, _: Any) -> tuple[jax.Array, None]:
+        d = x.shape[-1]
+        for w in mats:
+            v = jnp.resize(x, (1, w.shape[0])) if w.shape[0] != d else x
+            y = v @ w
+            x = jnp.tanh(jnp.resize(y, (1, d)) if y.shape[-1] < d else y[:, :d])
+        return x, None
+
+    return jax.lax.scan(body, x, None, length=n_steps)[0]
+
+
+def gemv_chain_time(params: Params, config: ModelConfig, n_steps: int = 32) -> float:
+    """Seconds per pass of XLA's matrix-vector products over a decode step's weight matrices
+    alone (chained, so none can be skipped; no norms, attention or cache): the best this
+    backend streams those weights, the ceiling for the weight part of a decode step."""
+    mats = weight_matrices(params, config)
+    x = jnp.ones((1, config.d_model), mats[0].dtype)
+    jax.block_until_ready(_gemv_chain(x, mats, n_steps))
+    return best_time(lambda: jax.block_until_ready(_gemv_chain(x, mats, n_steps)), 3, 0) / n_steps
+
+
 def compiled_flops(jitted: Any, *args: Any, **kwargs: Any) -> float:
     """FLOPs XLA's cost analysis counts for one call (a while loop's body counts once)."""
     cost = jitted.lower(*args, **kwargs).compile().cost_analysis()

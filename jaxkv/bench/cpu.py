@@ -17,6 +17,7 @@ from jaxkv.bench.common import (
     best_time,
     compiled_flops,
     copy_bandwidth,
+    gemv_chain_time,
     interleaved_scan_step_times,
     isolated_step_time,
     memory_analysis,
@@ -25,6 +26,7 @@ from jaxkv.bench.common import (
     scan_step_time,
     synthetic_state,
     weight_bytes_read,
+    weight_matrices,
 )
 from jaxkv.cache import cache_memory_bytes
 from jaxkv.config import ModelConfig, preset
@@ -297,12 +299,14 @@ def weight_bandwidth(
     _log(f"weight bandwidth: {config.param_count() / 1e6:.0f}M params")
     make = lambda: synthetic_state(config, 1, 32, 256)
     span = attention_span(32 + n_steps, 256)
-    step, bw = float("inf"), copy_bw
+    step, bw, gemv = float("inf"), copy_bw, float("inf")
     for _ in range(3):
         bw = max(bw, copy_bandwidth())
         step = min(step, scan_step_time(params, config, make, n_steps, span, repeats=3))
+        gemv = min(gemv, gemv_chain_time(params, config))
     iso = isolated_step_time(params, config, make(), n_steps, span)
     read = weight_bytes_read(params, config, 1)
+    matrix_bytes = sum(w.size * w.dtype.itemsize for w in weight_matrices(params, config))
     state = make()
     mem = memory_analysis(
         _decode_step_jit,
@@ -324,6 +328,10 @@ def weight_bandwidth(
         "weight_bytes_per_s": read / step,
         "copy_bw_bytes_per_s": bw,
         "fraction_of_copy_bw": read / step / bw,
+        # XLA's products over the same matrices alone, timed in turn with the step.
+        "gemv_chain_s": gemv,
+        "gemv_chain_bytes_per_s": matrix_bytes / gemv,
+        "gemv_chain_fraction_of_copy_bw": matrix_bytes / gemv / bw,
     }
 
 

@@ -139,7 +139,10 @@ def markdown(r: dict[str, Any]) -> str:
                     f"{x['weight_bytes_per_s'] / 1e9:.1f} GB/s = "
                     f"{x['fraction_of_copy_bw']:.2f} of the copy bandwidth "
                     f"({x.get('copy_bw_bytes_per_s', float('nan')) / 1e9:.1f} GB/s, measured "
-                    "in turn with the step)",
+                    "in turn with the step); XLA's matrix-vector products over the same "
+                    f"weights alone: {x.get('gemv_chain_s', float('nan')) * 1e3:.3g} ms, "
+                    f"{x.get('gemv_chain_bytes_per_s', float('nan')) / 1e9:.1f} GB/s = "
+                    f"{x.get('gemv_chain_fraction_of_copy_bw', float('nan')):.2f}",
                     "",
                 ]
         mem = w.get("compiled_memory") or {}
