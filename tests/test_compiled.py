@@ -104,8 +104,8 @@ def test_benchmark_layout_variants_compute_the_same_step(rng):
         np.testing.assert_allclose(cache.layers[0].v[1], ref_cache.layers[1].v, atol=1e-6)
         np.testing.assert_array_equal(cache.lengths, ref_cache.lengths)
     _, cache = jaxkv.prefill(params, cfg, prompts, capacity=64)
-    logits, cache = variants.decode_step_token_major(
-        params, variants.token_major_cache(cache), tokens, config=cfg, span=64
+    logits, cache = _decode_step_jit(
+        params, variants.token_major_cache(cache), tokens, jnp.ones(2, bool), config=cfg, span=64
     )
     np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=0)
     want = variants.token_major_cache(ref_cache)

@@ -270,8 +270,7 @@ def gemv_chain_time(params: Params, config: ModelConfig, n_steps: int = 32) -> f
     backend streams those weights, the ceiling for the weight part of a decode step."""
     mats = weight_matrices(params, config)
     x = jnp.ones((1, config.d_model), mats[0].dtype)
-    jax.block_until_ready(_gemv_chain(x, mats, n_steps))
-    return best_time(lambda: jax.block_until_ready(_gemv_chain(x, mats, n_steps)), 3, 0) / n_steps
+    return best_time(lambda: jax.block_until_ready(_gemv_chain(x, mats, n_steps)), 3) / n_steps
 
 
 def compiled_flops(jitted: Any, *args: Any, **kwargs: Any) -> float:

@@ -315,7 +315,7 @@ def weight_bandwidth(
         state.tokens,
         jnp.ones((1,), bool),
         config=config,
-        span=128,
+        span=span,
     )
     return {
         "compiled_memory": mem,

@@ -4,7 +4,7 @@
 - "scan": layers under `lax.scan` with stacked params, K/V stacked as [layers, ...] and carried
   through the scan, written in place at (layer, slot).
 - "stacked": unrolled layers, but K/V stacked as above (one leaf each for all layers).
-- "token_major": unrolled layers, one leaf per layer, but K and V stored token-major,
+- "token_major": the library's own decode step, but K and V stored token-major,
   [B, capacity, n_kv_heads, head_dim] (jaxkv's layout before 2026-11-29); attention reads them
   transposed into the layout it multiplies with.
 
@@ -164,27 +164,11 @@ def decode_step_stacked(
     return logits, cache.commit(plan, (LayerKV(k=k_all, v=v_all),), after=x[..., 0])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "span"), donate_argnames=("cache",))
-def decode_step_token_major(
-    params: Params, cache: KVCache, tokens: jax.Array, *, config: ModelConfig, span: int
-) -> tuple[jax.Array, KVCache]:
-    """One decode step over a token-major cache (see token_major_cache), layers unrolled."""
-    positions = cache.lengths[:, None]
-    plan = cache.plan_write(positions)
-    x = jnp.take(params["embed"], tokens[:, None], axis=0).astype(config.jnp_dtype)
-    block, layers = Block(config), []
-    for i, kv in enumerate(cache.layers):
-        x, kv = block.apply({"params": params[f"layers_{i}"]}, x, positions, kv, plan, span)
-        layers.append(kv)
-    logits = _head(params, config, x)[:, 0]
-    return logits, cache.commit(plan, tuple(layers), after=x[..., 0])
-
-
 def layout_step_times(
     config: ModelConfig, params: Params, position: int, capacity: int, n_steps: int
 ) -> dict[str, float]:
     """Isolated seconds per decode step of the alternative layouts, batch 1."""
-    from jaxkv.bench.common import synthetic_state, time_donating_steps
+    from jaxkv.bench.common import isolated_step_time, synthetic_state, time_donating_steps
     from jaxkv.decode import attention_span
 
     span = attention_span(position + n_steps, capacity)
@@ -198,7 +182,8 @@ def layout_step_times(
             p, c, tokens, config=config, span=span, scan=scan
         )
         out[name] = time_donating_steps(step, cache, n_steps)
-    cache = token_major_cache(synthetic_state(config, 1, position, capacity).cache)
-    step = lambda c: decode_step_token_major(params, c, tokens, config=config, span=span)
-    out["unrolled_token_major_cache"] = time_donating_steps(step, cache, n_steps)
+    # The library's own step runs any cache whose layers keep the write/read protocol.
+    state = synthetic_state(config, 1, position, capacity)
+    state = dataclasses.replace(state, cache=token_major_cache(state.cache))
+    out["unrolled_token_major_cache"] = isolated_step_time(params, config, state, n_steps, span)
     return out
