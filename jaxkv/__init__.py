@@ -14,6 +14,7 @@ from jaxkv.decode import (
     resume,
 )
 from jaxkv.model import Transformer, cast_params, forward, init_params
+from jaxkv.prefill import PREFILL_CHUNK, extend
 from jaxkv.sampling import GREEDY, SamplingConfig, sample
 from jaxkv.sharding import make_mesh, shard_params
 from jaxkv.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GREEDY",
+    "PREFILL_CHUNK",
     "PRESETS",
     "ByteTokenizer",
     "DecodeState",
@@ -37,6 +39,7 @@ __all__ = [
     "cache_memory_bytes",
     "cast_params",
     "decode_step",
+    "extend",
     "forward",
     "generate",
     "generate_stream",

@@ -239,6 +239,23 @@ class KVCache:
             index=self.index + used,
         )
 
+    def truncate(self, keep: Any) -> KVCache:
+        """The cache with row b keeping only its positions below keep[b] (an int or [B] ints):
+        later tokens are forgotten (rolled back), so the row continues at position
+        min(lengths[b], keep[b]). Only the position table, lengths and index change (no K/V is
+        copied); the freed slots are masked by their position -1 and `index` moves back to
+        just past the last slot still held, so they are written again."""
+        keep = jnp.broadcast_to(jnp.asarray(keep, jnp.int32), self.lengths.shape)
+        table = jnp.where(self.positions < keep[:, None], self.positions, -1)
+        held = jnp.any(table >= 0, axis=0)
+        slots = jnp.arange(1, self.capacity + 1, dtype=jnp.int32)
+        return KVCache(
+            layers=self.layers,
+            positions=table,
+            lengths=jnp.minimum(self.lengths, keep),
+            index=jnp.max(jnp.where(held, slots, 0)),
+        )
+
     def check_compatible(self, config: ModelConfig, batch_size: int | None = None) -> None:
         """Raise ValueError if this cache cannot serve `config` (and `batch_size`)."""
         if self.n_layers != config.n_layers:

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints: config.json + *.safetensors in, and out.
+"""Hugging Face checkpoints: config.json + *.safetensors in, and out (GGUF files in, through
+`jaxkv.gguf_checkpoint`).
 
 `load_pretrained(path)` reads a local directory (one `model.safetensors`, or shards listed in
 `model.safetensors.index.json`), maps Hugging Face weight names to jaxkv's param tree, transposes
@@ -517,22 +518,13 @@ def _default_dtype(hf: dict[str, Any]) -> str:
     return stored if stored in ("float32", "bfloat16", "float16") else "float32"
 
 
-def load_pretrained(
-    path: str | os.PathLike[str], dtype: Any = None, progress: bool = False
+def params_from_reader(
+    hf: dict[str, Any], reader: Any, dtype: str, progress: bool, path: Any
 ) -> tuple[ModelConfig, Params]:
-    """Load a Hugging Face checkpoint directory: returns (config, params).
-
-    dtype: the params' and activations' dtype (default: the dtype config.json records, else
-    float32). progress: show a progress bar over the layers. Raises CheckpointError (a
-    ValueError) naming the file or tensor at fault.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    hf = _read_json(path / "config.json")
-    dtype = str(jnp.dtype(dtype)) if dtype is not None else _default_dtype(hf)
+    """(config, params) from a config.json dict and a tensor reader (`get(name, shape)`,
+    `has(name)`, `leftover()`), with every tensor checked and none left unused."""
+    dtype = str(jnp.dtype(dtype))
     config = config_from_hf(hf, dtype=dtype)
-    reader = _Reader(_weight_files(path))
     if hf["model_type"] == "gpt2":
         params = _gpt2_to_params(reader.get, config, _gpt2_prefix(reader), progress)
     else:
@@ -547,6 +539,30 @@ def load_pretrained(
         )
     params = _tree_map(lambda a: jnp.asarray(a, dtype=dtype), params)
     return config, params
+
+
+def load_pretrained(
+    path: str | os.PathLike[str], dtype: Any = None, progress: bool = False
+) -> tuple[ModelConfig, Params]:
+    """Load a Hugging Face checkpoint directory, or a GGUF file: returns (config, params).
+
+    dtype: the params' and activations' dtype (default: the dtype config.json records, else
+    float32; GGUF weights are dequantized to it, default float32). progress: show a progress
+    bar over the layers. Raises CheckpointError (a ValueError) naming the file or tensor at
+    fault.
+    """
+    path = Path(path)
+    if path.is_file():
+        from jaxkv.gguf_checkpoint import is_gguf, load_gguf
+
+        if not is_gguf(path):
+            raise CheckpointError(f"{path} is a file but not a GGUF file (no GGUF magic)")
+        return load_gguf(path, dtype=dtype, progress=progress)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    hf = _read_json(path / "config.json")
+    dtype = str(jnp.dtype(dtype)) if dtype is not None else _default_dtype(hf)
+    return params_from_reader(hf, _Reader(_weight_files(path)), dtype, progress, path)
 
 
 def _tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:

@@ -1,10 +1,16 @@
-"""The `jaxkv` command line: generate (streaming), info, bench, train.
+"""The `jaxkv` command line: generate (streaming), chat, info, convert, bench, train.
 
     jaxkv generate "def fibonacci(n):"        # the bundled model, streamed to the terminal
-    jaxkv generate --model DIR --dtype bfloat16 "Once upon a time"
+    jaxkv generate --model DIR_OR_GGUF --dtype bfloat16 "Once upon a time"
+    jaxkv chat [--model DIR_OR_GGUF]           # default: the real model fetched at set-up
     jaxkv info [--model DIR] [--batch-size 8 --capacity 4096]
+    jaxkv convert IN.gguf OUT_DIR
     jaxkv bench --suite cpu --out bench_out [--quick]
     jaxkv train --out DIR
+
+Compiled programs are kept in a persistent XLA cache (~/.cache/jaxkv/xla, or under
+$JAXKV_CACHE_DIR), so a second run compiles nothing; `--no-compile-cache` or
+JAXKV_NO_COMPILE_CACHE=1 turns it off.
 
 Usage errors (bad flags, a missing model path) print one line and exit with code 2.
 """
@@ -42,12 +48,35 @@ def _positive_int(text: str) -> int:
 
 
 def _model_dir(path: str | None) -> Path:
+    """A model directory or a GGUF file (default: the bundled model)."""
     model = Path(path) if path else BUNDLED_MODEL
+    if model.is_file():
+        return model
     if not model.is_dir():
         raise UsageError(f"model directory {model} does not exist")
     if not (model / "config.json").is_file():
         raise UsageError(f"{model} is not a model directory (no config.json)")
     return model
+
+
+def enable_compile_cache(enabled: bool = True) -> Path | None:
+    """Turn on JAX's persistent compilation cache in jaxkv's cache directory (unless disabled
+    here or by JAXKV_NO_COMPILE_CACHE=1). Every compile is kept, however quick."""
+    if not enabled or os.environ.get("JAXKV_NO_COMPILE_CACHE", "") not in ("", "0"):
+        return None
+    import jax
+
+    from jaxkv.paths import compile_cache_dir
+
+    path = compile_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: run without the cache
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def _load(path: str | None, dtype: str | None) -> tuple[Any, Any, Any, Path]:
@@ -193,19 +222,126 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from jaxkv.checkpoint import CheckpointError
+    from jaxkv.gguf_checkpoint import convert_gguf, is_gguf
+
+    src = Path(args.src)
+    if not is_gguf(src):
+        raise UsageError(f"jaxkv convert: {src} is not a GGUF file")
+    try:
+        out = convert_gguf(src, args.out, dtype=args.dtype)
+    except (CheckpointError, ValueError) as e:
+        raise UsageError(f"jaxkv convert: {e}") from None
+    print(f"wrote {out} (model.safetensors, config.json, tokenizer.json, tokenizer_config.json)")
+    return 0
+
+
+def _chat_model(path: str | None) -> str:
+    from jaxkv.paths import FETCH_COMMAND, smollm2_path
+
+    if path:
+        return path
+    real = smollm2_path()
+    if not real.is_file():
+        raise UsageError(
+            f"jaxkv chat: no --model given and the real model is not at {real}; fetch it with "
+            f"`{FETCH_COMMAND}` or pass --model DIR_OR_GGUF"
+        )
+    return str(real)
+
+
+def _user_turns(system: str | None) -> Any:
+    """User turns: typed at a prompt on a terminal, else one per line of stdin."""
+    if sys.stdin.isatty():
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                return
+            if line.strip():
+                yield line
+    else:
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            if line.strip():
+                yield line
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from jaxkv.chat import Conversation
+    from jaxkv.sampling import SamplingConfig
+
+    try:
+        sampling = SamplingConfig(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p
+        )
+    except ValueError as e:
+        raise UsageError(f"jaxkv chat: {e}") from None
+    config, params, tokenizer, _ = _load(_chat_model(args.model), args.dtype)
+    try:
+        chat = Conversation(
+            params, config, tokenizer, capacity=args.capacity, sampling=sampling, key=args.seed
+        )
+    except ValueError as e:
+        raise UsageError(f"jaxkv chat: {e}") from None
+    clock = _CompileClock()
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    out = sys.stdout
+    for turn, user in enumerate(_user_turns(args.system), 1):
+        messages.append({"role": "user", "content": user})
+        start, compiled = time.perf_counter(), clock.seconds
+
+        def show(text: str) -> None:
+            out.write(text)
+            out.flush()
+
+        try:
+            text, ids = chat.reply_text(messages, args.max_new_tokens, on_text=show)
+        except ValueError as e:  # the conversation outgrew the cache
+            raise UsageError(f"jaxkv chat: {e}") from None
+        out.write("\n")
+        out.flush()
+        messages.append({"role": "assistant", "content": text})
+        elapsed = time.perf_counter() - start
+        run = max(elapsed - (clock.seconds - compiled), 1e-9)
+        print(
+            f"[jaxkv] turn {turn}: prefilled {chat.prefilled[-1]} new tokens "
+            f"(cache holds {len(chat.tokens)}), {len(ids)} tokens in {elapsed:.2f}s, "
+            f"{len(ids) / run:.1f} tokens/s excluding {clock.seconds - compiled:.2f}s of "
+            "compilation",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=top_p)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not keep compiled programs on disk (also JAXKV_NO_COMPILE_CACHE=1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxkv", description="Fast decoding with an explicit KV cache.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate text, streamed as it is made")
     gen.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
-    gen.add_argument("--model", help="a model directory (default: the bundled model)")
+    gen.add_argument("--model", help="a model directory or GGUF file (default: the bundled model)")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=0)
+    _sampling_flags(gen, 0.8, 0.95)
     gen.add_argument("--num-samples", type=_positive_int, default=1)
     gen.add_argument(
         "--chunk-size",
@@ -214,13 +350,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode steps per compiled chunk between screen updates",
     )
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    _cache_flag(gen)
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser(
+        "chat", help="chat with a model's template; the cache is kept between turns"
+    )
+    chat.add_argument(
+        "--model",
+        help="a model directory or GGUF file with a chat template (default: the real model "
+        "fetched by scripts/fetch_real_model.sh)",
+    )
+    chat.add_argument("--system", help="a system message")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    chat.add_argument("--capacity", type=_positive_int, default=4096, help="cache slots")
+    _sampling_flags(chat, 0.2, 0.9)
+    chat.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    _cache_flag(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    conv = sub.add_parser("convert", help="write a GGUF file as a Hugging Face directory")
+    conv.add_argument("src", help="the .gguf file")
+    conv.add_argument("out", help="the directory to write")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    conv.set_defaults(func=cmd_convert)
 
     info = sub.add_parser("info", help="config, parameter count and KV-cache memory")
     info.add_argument("--model", help="a model directory (default: the bundled model)")
     info.add_argument("--batch-size", type=_positive_int, default=1)
     info.add_argument("--capacity", type=_positive_int, default=2048)
     info.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    _cache_flag(info)
     info.set_defaults(func=cmd_info)
 
     sub.add_parser("bench", help="benchmark suites (jaxkv bench --help)", add_help=False)
@@ -242,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if hasattr(args, "no_compile_cache"):
+            enable_compile_cache(not args.no_compile_cache)
         return args.func(args)
     except UsageError as e:
         message = str(e)

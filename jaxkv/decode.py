@@ -35,6 +35,13 @@ from jaxkv import checks
 from jaxkv.cache import KVCache
 from jaxkv.config import ModelConfig
 from jaxkv.model import Params, apply
+from jaxkv.prefill import (
+    PREFILL_CHUNK,
+    attention_span,
+    bucket_length,
+    check_chunk,
+    feed,
+)
 from jaxkv.sampling import GREEDY, SamplingConfig, sample
 from jaxkv.sharding import (
     Mesh,
@@ -48,27 +55,6 @@ from jaxkv.sharding import (
 )
 
 Array = jax.Array
-
-MIN_BUCKET = 16
-SPAN_ALIGN = 128
-
-
-def bucket_length(n: int, capacity: int) -> int:
-    """The padded prefill length for a longest prompt of n tokens: the next power of two
-    (at least MIN_BUCKET), but never more than the capacity."""
-    b = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
-    return min(b, capacity)
-
-
-def attention_span(last_slot: int, capacity: int) -> int:
-    """Slots attention covers when nothing is written past `last_slot` (exclusive): that many,
-    rounded up to SPAN_ALIGN. On CPU, where reading a prefix of the cache copies it first,
-    a span over half the capacity reads the whole cache instead (measured as fast or faster:
-    llama-3m at position 1024 of 2048, 0.65 ms/step whole against 0.75 for a 1152 span)."""
-    span = min(capacity, -(-last_slot // SPAN_ALIGN) * SPAN_ALIGN)
-    if jax.default_backend() == "cpu" and 2 * span > capacity:
-        return capacity
-    return span
 
 
 @jax.tree_util.register_dataclass
@@ -108,14 +94,27 @@ def _prefill(
     positions: Array,
     capacity: int,
     cache_dtype: Any,
+    chunk: int,
     rules: Rules | None = None,
 ) -> tuple[Array, KVCache]:
     cache = constrain_cache(KVCache.init(config, tokens.shape[0], capacity, cache_dtype), rules)
     last = jnp.max(positions)  # the longest row ends in column P - 1 == its last position
     last_col = jnp.full((tokens.shape[0],), last, jnp.int32)
-    # A fresh cache holds nothing to attend to (span 0): the prompt attends to itself.
-    logits, cache = apply(params, config, tokens, positions, cache, span=0, logits_at=last_col)
-    return logits[:, 0], constrain_cache(cache, rules)
+    # In one piece, a fresh cache holds nothing to attend to (span 0): the prompt attends to
+    # itself. In chunks, each chunk also attends to the slots earlier chunks wrote.
+    s = tokens.shape[1]
+    span = 0 if s <= chunk else s
+    return feed(
+        params,
+        config,
+        cache,
+        tokens,
+        positions,
+        chunk=chunk,
+        span=span,
+        logits_at=last_col,
+        rules=rules,
+    )
 
 
 def _decode(
@@ -202,7 +201,7 @@ def _scan_steps(
 _STATIC = ("config", "sampling", "n_steps", "span", "rules")
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "capacity", "cache_dtype"))
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "capacity", "cache_dtype", "chunk"))
 def _generate_jit(
     params: Params,
     tokens: Array,
@@ -217,9 +216,10 @@ def _generate_jit(
     span: int,
     capacity: int,
     cache_dtype: Any,
+    chunk: int,
     rules: Rules | None = None,
 ) -> tuple[Array, Array, DecodeState]:
-    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, rules)
+    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, chunk, rules)
     state = _start(logits, cache, key, sampling, eos)
     first = replicate(state.tokens, rules)
     state, toks, ok, _ = _scan_steps(
@@ -268,7 +268,7 @@ def _resume_jit(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "sampling", "capacity", "cache_dtype", "rules")
+    jax.jit, static_argnames=("config", "sampling", "capacity", "cache_dtype", "chunk", "rules")
 )
 def _start_jit(
     params: Params,
@@ -281,14 +281,15 @@ def _start_jit(
     sampling: SamplingConfig,
     capacity: int,
     cache_dtype: Any,
+    chunk: int,
     rules: Rules | None = None,
 ) -> tuple[DecodeState, Array, Array]:
-    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, rules)
+    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, chunk, rules)
     state = _start(logits, cache, key, sampling, eos)
     return state, replicate(state.tokens, rules), replicate(jnp.all(state.done), rules)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype", "rules"))
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype", "chunk", "rules"))
 def _prefill_jit(
     params: Params,
     tokens: Array,
@@ -297,9 +298,10 @@ def _prefill_jit(
     config: ModelConfig,
     capacity: int,
     cache_dtype: Any,
+    chunk: int,
     rules: Rules | None = None,
 ) -> tuple[Array, KVCache]:
-    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, rules)
+    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, chunk, rules)
     return replicate(logits, rules), cache
 
 
@@ -369,6 +371,7 @@ class _Request:
     span: int
     sampling: SamplingConfig
     max_new_tokens: int
+    chunk: int
     rules: Rules | None
 
 
@@ -394,11 +397,13 @@ def _request(
     key: Any,
     capacity: int | None,
     mesh: Mesh | None,
+    prefill_chunk: int,
 ) -> _Request:
     """Validate everything in plain Python, then lay out and place the inputs."""
     max_new_tokens, sampling, eos, pad_id = _loop_args(
         config, max_new_tokens, sampling, eos_ids, pad_id
     )
+    chunk = check_chunk(prefill_chunk)
     rows = checks.token_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
     if capacity is None:
@@ -417,6 +422,7 @@ def _request(
         span=attention_span(batch.tokens.shape[1] + max_new_tokens, capacity),
         sampling=sampling,
         max_new_tokens=max_new_tokens,
+        chunk=chunk,
         rules=rules,
     )
 
@@ -430,13 +436,17 @@ def prefill(
     pad_id: int = 0,
     cache_dtype: Any = None,
     mesh: Mesh | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> tuple[Array, KVCache]:
     """Run a batch of prompts of any lengths into a fresh cache of `capacity` slots per row.
 
     Returns the float32 logits of each row's last prompt token, [B, vocab], and the cache.
     With `mesh` (params placed by `shard_params`), the cache is sharded as jaxkv.sharding says.
+    Prompts longer than `prefill_chunk` tokens run in chunks of that many (peak memory follows
+    the chunk, not the prompt).
     """
     capacity = checks.check_capacity(capacity)
+    chunk = check_chunk(prefill_chunk)
     pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
     rows = checks.token_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
@@ -451,6 +461,7 @@ def prefill(
         config=config,
         capacity=capacity,
         cache_dtype=cache_dtype,
+        chunk=chunk,
         rules=rules,
     )
 
@@ -512,6 +523,7 @@ def generate(
     capacity: int | None = None,
     cache_dtype: Any = None,
     mesh: Mesh | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> GenerationResult:
     """Prefill the prompts, then sample `max_new_tokens` per row in one compiled lax.scan.
 
@@ -519,8 +531,20 @@ def generate(
     capacity: cache slots per row (default: the prompt bucket + max_new_tokens).
     key: a PRNG key or an int seed; each sampling step splits it once.
     mesh: a ('data', 'model') mesh to run on, with params placed by `shard_params`.
+    prefill_chunk: prompts longer than this run through the model in chunks of this many tokens.
     """
-    r = _request(config, prompts, max_new_tokens, sampling, eos_ids, pad_id, key, capacity, mesh)
+    r = _request(
+        config,
+        prompts,
+        max_new_tokens,
+        sampling,
+        eos_ids,
+        pad_id,
+        key,
+        capacity,
+        mesh,
+        prefill_chunk,
+    )
     tokens, lengths, state = _generate_jit(
         params,
         r.tokens,
@@ -534,6 +558,7 @@ def generate(
         span=r.span,
         capacity=r.capacity,
         cache_dtype=cache_dtype,
+        chunk=r.chunk,
         rules=r.rules,
     )
     return GenerationResult(tokens=tokens, lengths=lengths, state=state)
@@ -596,6 +621,7 @@ def generate_stream(
     cache_dtype: Any = None,
     chunk_size: int = 16,
     mesh: Mesh | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, but yields tokens as they are made: first the token from the prefill
     ([B, 1]), then chunks of up to `chunk_size` steps ([B, <= chunk_size], numpy). Stops as
@@ -603,7 +629,18 @@ def generate_stream(
     that point (after it, generate only has padding)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    r = _request(config, prompts, max_new_tokens, sampling, eos_ids, pad_id, key, capacity, mesh)
+    r = _request(
+        config,
+        prompts,
+        max_new_tokens,
+        sampling,
+        eos_ids,
+        pad_id,
+        key,
+        capacity,
+        mesh,
+        prefill_chunk,
+    )
     return _stream(params, config, r, cache_dtype, chunk_size)
 
 
@@ -620,6 +657,7 @@ def _stream(
         sampling=r.sampling,
         capacity=r.capacity,
         cache_dtype=cache_dtype,
+        chunk=r.chunk,
         rules=r.rules,
     )
     yield np.asarray(first)[:, None]

@@ -82,12 +82,40 @@ class HFTokenizer:
     """A Hugging Face `tokenizer.json`, with EOS and pad ids from the checkpoint's configs."""
 
     def __init__(
-        self, tokenizer: Any, eos_ids: Sequence[int], pad_id: int | None, vocab_size: int
+        self,
+        tokenizer: Any,
+        eos_ids: Sequence[int],
+        pad_id: int | None,
+        vocab_size: int,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
     ) -> None:
         self._tok = tokenizer
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id if pad_id is not None else (self.eos_ids or (0,))[0])
         self.vocab_size = vocab_size
+        self.chat_template = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str]) -> HFTokenizer:
+        """The tokenizer a GGUF file's metadata describes."""
+        from jaxkv.gguf_checkpoint import read_gguf
+
+        spec = read_gguf(path).tokenizer()
+        tok = spec.tokenizer
+        eos = [] if spec.eos_id is None else [spec.eos_id]
+        return cls(
+            tok,
+            eos,
+            spec.pad_id,
+            tok.get_vocab_size(with_added_tokens=True),
+            chat_template=spec.chat_template,
+            bos_token=spec.token(spec.bos_id),
+            eos_token=spec.token(spec.eos_id),
+        )
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> HFTokenizer:
@@ -118,7 +146,25 @@ class HFTokenizer:
 
         eos = ids("eos_token_id", "eos_token")
         pad = (ids("pad_token_id", "pad_token") or [None])[0]
-        return cls(tok, sorted(set(eos)), pad, tok.get_vocab_size(with_added_tokens=True))
+        tc_file = path / "tokenizer_config.json"
+        tok_config = json.loads(tc_file.read_text()) if tc_file.is_file() else {}
+        template = tok_config.get("chat_template")
+        if (path / "chat_template.jinja").is_file():  # transformers 5 keeps it beside
+            template = (path / "chat_template.jinja").read_text()
+
+        def name(key: str) -> str | None:
+            token = tok_config.get(key)
+            return token.get("content") if isinstance(token, dict) else token
+
+        return cls(
+            tok,
+            sorted(set(eos)),
+            pad,
+            tok.get_vocab_size(with_added_tokens=True),
+            chat_template=template if isinstance(template, str) else None,
+            bos_token=name("bos_token"),
+            eos_token=name("eos_token"),
+        )
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text).ids)
@@ -129,8 +175,10 @@ class HFTokenizer:
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer stored in a model directory: `tokenizer.json` (Hugging Face) or
-    `byte_tokenizer.json` (jaxkv's byte-level tokenizer)."""
+    `byte_tokenizer.json` (jaxkv's byte-level tokenizer); or the one a GGUF file describes."""
     path = Path(path)
+    if path.is_file():
+        return HFTokenizer.from_gguf(path)
     if (path / "tokenizer.json").is_file():
         return HFTokenizer.from_dir(path)
     spec_file = path / BYTE_TOKENIZER_FILE

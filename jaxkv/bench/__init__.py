@@ -1,4 +1,4 @@
-"""Benchmarks: `python scripts/bench.py --suite cpu|gpu --out DIR [--quick]` (also
+"""Benchmarks: `python scripts/bench.py --suite cpu|gpu|real --out DIR [--quick]` (also
 `jaxkv bench`). Writes DIR/bench.json, DIR/bench.md and PNG plots; prints the machine, the
 versions and the numbers."""
 
@@ -16,7 +16,7 @@ from jaxkv.bench.report import markdown, plots
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxkv bench", description=__doc__)
-    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--suite", choices=["cpu", "gpu", "real"], default="cpu")
     parser.add_argument("--out", default="bench_out", help="output directory")
     parser.add_argument(
         "--quick", action="store_true", help="fewer sizes (the CPU suite in under 5 minutes)"
@@ -40,6 +40,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "env": common.env_info(),
     }
     print(json.dumps(result["env"], indent=2), flush=True)
+    if args.suite == "real":
+        from jaxkv.bench import real
+
+        result.update(real.run(args.quick, smoke=args.smoke))
+        result["total_s"] = time.perf_counter() - t0
+        (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
+        md = real.markdown(result)
+        (out / "bench.md").write_text(md)
+        print(md)
+        print(f"wrote {out / 'bench.json'} in {result['total_s']:.0f}s")
+        return 0
     if args.suite == "cpu":
         from jaxkv.bench import cpu
 

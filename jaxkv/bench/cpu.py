@@ -38,6 +38,7 @@ from jaxkv.decode import (
     generate,
 )
 from jaxkv.model import Params, _forward
+from jaxkv.prefill import PREFILL_CHUNK
 
 
 def _log(msg: str) -> None:
@@ -93,10 +94,23 @@ def cached_vs_uncached(
         capacity = s + n
         tok = np.zeros((1, s), np.int32)
         pre = compiled_flops(
-            _prefill_jit, params, tok, tok, config=config, capacity=capacity, cache_dtype=None
+            _prefill_jit,
+            params,
+            tok,
+            tok,
+            config=config,
+            capacity=capacity,
+            cache_dtype=None,
+            chunk=PREFILL_CHUNK,
         )
         cache = jax.eval_shape(
-            functools.partial(_prefill_jit, config=config, capacity=capacity, cache_dtype=None),
+            functools.partial(
+                _prefill_jit,
+                config=config,
+                capacity=capacity,
+                cache_dtype=None,
+                chunk=PREFILL_CHUNK,
+            ),
             params,
             tok,
             tok,

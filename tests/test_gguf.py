@@ -1,0 +1,301 @@
+"""GGUF checkpoints on small files written here with gguf's own writer: names, q/k permutation
+and config against a transformers model, every dequantized type against an independent bound or
+hand-packed blocks, the tokenizer against transformers' GGUF tokenizer, conversion and errors.
+The real SmolLM2 GGUF is tested in tests/test_real_model.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import jaxkv
+from jaxkv.checkpoint import CheckpointError, load_pretrained
+from jaxkv.gguf_checkpoint import read_gguf
+from jaxkv.tokenizer import load_tokenizer
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch", reason="the oracle is transformers (test extra)")
+transformers = pytest.importorskip("transformers")
+
+Q = gguf.GGMLQuantizationType
+D, HEADS, KV, FFN, LAYERS = 256, 4, 2, 256, 2  # rows of 256: every matrix fits K-quant blocks
+HD = D // HEADS
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _byte_vocab():
+    """A byte-level BPE vocabulary: the 256 byte symbols, a few merges, then special tokens."""
+    from jaxkv.gguf_checkpoint import _byte_alphabet
+
+    symbols = list(_byte_alphabet().values())
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r"]
+    tokens = [*symbols, "Ġt", "he", "Ġthe", "in", "Ġa", "er"]
+    return tokens, merges
+
+
+TOKENS, MERGES = _byte_vocab()
+VOCAB = len(TOKENS) + len(SPECIAL)
+
+
+def _permute(w, n_head):
+    """llama.cpp's q/k row order (its converter's `permute`)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _names(i):
+    return {
+        f"model.layers.{i}.input_layernorm.weight": f"blk.{i}.attn_norm.weight",
+        f"model.layers.{i}.post_attention_layernorm.weight": f"blk.{i}.ffn_norm.weight",
+        f"model.layers.{i}.self_attn.q_proj.weight": f"blk.{i}.attn_q.weight",
+        f"model.layers.{i}.self_attn.k_proj.weight": f"blk.{i}.attn_k.weight",
+        f"model.layers.{i}.self_attn.v_proj.weight": f"blk.{i}.attn_v.weight",
+        f"model.layers.{i}.self_attn.o_proj.weight": f"blk.{i}.attn_output.weight",
+        f"model.layers.{i}.mlp.gate_proj.weight": f"blk.{i}.ffn_gate.weight",
+        f"model.layers.{i}.mlp.up_proj.weight": f"blk.{i}.ffn_up.weight",
+        f"model.layers.{i}.mlp.down_proj.weight": f"blk.{i}.ffn_down.weight",
+    }
+
+
+def write_gguf(path, state, *, qtype=None, arch="llama", tokenizer_model="gpt2", raw=None):
+    """A GGUF of a transformers llama state dict. qtype: quantize every matrix with gguf's
+    quantizer; raw: {gguf name: (bytes array, type)} stored as given."""
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_block_count(LAYERS)
+    w.add_context_length(128)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV)
+    w.add_rope_freq_base(500.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(HD)
+    w.add_vocab_size(VOCAB)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre("default")
+    w.add_token_list(TOKENS + SPECIAL)
+    w.add_token_types([1] * len(TOKENS) + [3] * len(SPECIAL))
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(len(TOKENS) + 1)
+    w.add_eos_token_id(len(TOKENS) + 2)
+    w.add_pad_token_id(len(TOKENS))
+    w.add_add_bos_token(False)
+    w.add_chat_template(TEMPLATE)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    for i in range(LAYERS):
+        names.update(_names(i))
+    raw = raw or {}
+    for hf_name, g_name in names.items():
+        if hf_name not in state:
+            continue
+        t = state[hf_name].float().numpy()
+        if g_name.endswith("attn_q.weight"):
+            t = _permute(t, HEADS)
+        if g_name.endswith("attn_k.weight"):
+            t = _permute(t, KV)
+        if g_name in raw:
+            data, ty = raw[g_name]
+            w.add_tensor(g_name, data, raw_dtype=ty)
+        elif qtype is not None and t.ndim == 2:
+            w.add_tensor(g_name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(g_name, np.ascontiguousarray(t, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        max_position_embeddings=128,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,
+    )
+    cfg._attn_implementation = "eager"
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1, so a norm mapped to the wrong place shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def f32_file(hf_model, tmp_path_factory):
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf", hf_model.state_dict())
+
+
+def test_f32_gguf_equals_transformers(hf_model, f32_file):
+    config, params = load_pretrained(f32_file)
+    assert (config.n_layers, config.n_kv_heads, config.rope_theta) == (LAYERS, KV, 500.0)
+    seq = np.random.default_rng(0).integers(0, VOCAB, size=(2, 20))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(seq)).logits.numpy()
+    got = np.asarray(jaxkv.forward(params, config, seq))
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "levels"), [(Q.F16, None), (Q.BF16, None), (Q.Q8_0, 127), (Q.Q4_0, 8), (Q.Q4_1, 15)]
+)
+def test_quantized_weights_within_their_step(hf_model, tmp_path, qtype, levels):
+    """Each block of 32 holds its values to within half a quantization step of its range
+    (plus the float16 rounding of the stored scale)."""
+    path = write_gguf(tmp_path / "q.gguf", hf_model.state_dict(), qtype=qtype)
+    w = read_gguf(path).weights
+    name = "model.layers.1.mlp.down_proj.weight"
+    want = hf_model.state_dict()[name].numpy()
+    got = w.get(name, want.shape)
+    if levels is None:
+        rel = 2**-8 if qtype == Q.BF16 else 2**-11
+        np.testing.assert_allclose(got, want, rtol=rel, atol=1e-7)
+        return
+    blocks_want, blocks_got = want.reshape(-1, 32), got.reshape(-1, 32)
+    scale = np.abs(blocks_want).max(1, keepdims=True) / levels
+    if qtype == Q.Q4_1:  # min + d * q, d = range / 15
+        scale = np.ptp(blocks_want, axis=1, keepdims=True) / levels
+    # Half a step, plus the rounding of the float16 scale (and minimum) the block stores.
+    f16 = 2**-10 * (levels * scale + np.abs(blocks_want).max(1, keepdims=True))
+    err = np.abs(blocks_got - blocks_want)
+    # Q4_0 maps the largest magnitude to -8 steps, so the other end reaches only +7: values
+    # there are off by up to a whole step.
+    steps = 1.0 if qtype == Q.Q4_0 else 0.5
+    assert (err <= scale * steps + f16 + 1e-7).all(), (err / scale).max()
+    assert (err > 0).any()  # really quantized
+    # q and k come back in transformers' row order.
+    q = w.get("model.layers.0.self_attn.q_proj.weight", (D, D))
+    q_want = hf_model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy()
+    assert np.corrcoef(q.ravel(), q_want.ravel())[0, 1] > 0.95
+
+
+def _pack_q4_k(rng, rows):
+    """Hand-packed Q4_K blocks (llama.cpp's block_q4_K: d, dmin, 12 scale bytes, 128 nibble
+    bytes) and the values they hold."""
+    out, vals = [], []
+    for _ in range(rows):
+        d, dmin = np.float16(0.5), np.float16(0.25)
+        sc, mn = rng.integers(1, 16, 8), rng.integers(0, 16, 8)
+        q = rng.integers(0, 16, 256)
+        scales = np.concatenate([sc[:4], mn[:4], sc[4:] | (mn[4:] << 4)]).astype(np.uint8)
+        qs = np.concatenate(
+            [q[64 * c : 64 * c + 32] | (q[64 * c + 32 : 64 * c + 64] << 4) for c in range(4)]
+        ).astype(np.uint8)
+        head = np.array([d, dmin], np.float16).view(np.uint8)
+        out.append(np.concatenate([head, scales, qs]))
+        sub = np.repeat(np.arange(8), 32)
+        vals.append(float(d) * sc[sub] * q - float(dmin) * mn[sub])
+    return np.stack(out), np.stack(vals).astype(np.float32)
+
+
+def _pack_q6_k(rng, rows):
+    """Hand-packed Q6_K blocks (block_q6_K: 128 low-nibble bytes, 64 high-bit bytes, 16 int8
+    scales, d) and the values they hold."""
+    out, vals = [], []
+    for _ in range(rows):
+        d = np.float16(0.125)
+        sc = rng.integers(-20, 21, 16).astype(np.int8)
+        q = rng.integers(0, 64, 256)
+        ql, qh, y = np.zeros(128, np.uint8), np.zeros(64, np.uint8), np.zeros(256)
+        for h in range(2):
+            b = 128 * h
+            for lane in range(32):
+                q1, q2, q3, q4 = (q[b + lane + 32 * k] for k in range(4))
+                ql[64 * h + lane] = (q1 & 15) | ((q3 & 15) << 4)
+                ql[64 * h + lane + 32] = (q2 & 15) | ((q4 & 15) << 4)
+                qh[32 * h + lane] = (
+                    (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+                )
+                for k in range(4):
+                    s = sc[8 * h + lane // 16 + 2 * k]
+                    y[b + 32 * k + lane] = float(d) * s * (q[b + 32 * k + lane] - 32)
+        out.append(np.concatenate([ql, qh, sc.view(np.uint8), np.array([d]).view(np.uint8)]))
+        vals.append(y)
+    return np.stack(out), np.stack(vals).astype(np.float32)
+
+
+def test_k_quants_hand_packed(hf_model, tmp_path):
+    rng = np.random.default_rng(0)
+    q4, q4_vals = _pack_q4_k(rng, FFN)
+    q6, q6_vals = _pack_q6_k(rng, D)
+    raw = {"blk.0.ffn_up.weight": (q4, Q.Q4_K), "blk.1.ffn_down.weight": (q6, Q.Q6_K)}
+    path = write_gguf(tmp_path / "k.gguf", hf_model.state_dict(), raw=raw)
+    w = read_gguf(path).weights
+    np.testing.assert_array_equal(w.get("model.layers.0.mlp.up_proj.weight", (FFN, D)), q4_vals)
+    np.testing.assert_array_equal(w.get("model.layers.1.mlp.down_proj.weight", (D, FFN)), q6_vals)
+
+
+def test_unsupported_things_are_named(hf_model, tmp_path):
+    state = hf_model.state_dict()
+    t = state["model.layers.0.mlp.up_proj.weight"].numpy()
+    raw = {"blk.0.ffn_up.weight": (gguf.quants.quantize(t, Q.TQ1_0), Q.TQ1_0)}
+    with pytest.raises(CheckpointError, match="stored as TQ1_0.*supported: F32"):
+        load_pretrained(write_gguf(tmp_path / "t.gguf", state, raw=raw))
+    with pytest.raises(CheckpointError, match="architecture 'gemma2' is not supported"):
+        load_pretrained(write_gguf(tmp_path / "a.gguf", state, arch="gemma2"))
+    path = write_gguf(tmp_path / "s.gguf", state, tokenizer_model="llama")
+    with pytest.raises(CheckpointError, match="tokenizer model 'llama' is not supported"):
+        load_tokenizer(path)
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
+        load_pretrained(tmp_path / "x.gguf")
+
+
+def test_tokenizer_matches_transformers(f32_file):
+    tok = load_tokenizer(f32_file)
+    ref = transformers.AutoTokenizer.from_pretrained(str(f32_file.parent), gguf_file=f32_file.name)
+    for text in ["the theater in a there", "<|im_start|>user\nhi <|im_end|>\n", "ünï ≈ 12"]:
+        assert tok.encode(text) == ref.encode(text), text
+        assert tok.decode(tok.encode(text)) == ref.decode(
+            ref.encode(text), skip_special_tokens=True
+        )
+    assert tok.eos_ids == (len(TOKENS) + 2,)
+    assert tok.pad_id == len(TOKENS)
+    assert tok.chat_template == TEMPLATE
+
+
+def test_convert_writes_a_directory_transformers_opens(hf_model, f32_file, tmp_path):
+    from jaxkv.cli import main
+
+    out = tmp_path / "hf"
+    assert main(["convert", str(f32_file), str(out)]) == 0
+    _config, params = load_pretrained(out)
+    _, direct = load_pretrained(f32_file)
+    for a, b in zip(
+        jaxkv.model.jax.tree.leaves(params), jaxkv.model.jax.tree.leaves(direct), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    seq = torch.tensor([[5, 9, 260, 2, 7]])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            model(seq).logits.numpy(), hf_model(seq).logits.numpy(), atol=1e-4
+        )
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.encode("the <|im_end|>") == load_tokenizer(f32_file).encode("the <|im_end|>")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE
+    assert load_tokenizer(out).chat_template == TEMPLATE
