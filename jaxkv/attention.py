@@ -35,6 +35,24 @@ _init = nn.initializers.normal(stddev=0.02)
 DECODE_BY_REDUCTION: bool | None = None
 
 
+# Attention of many queries per row (prefill, extend) through `jax.nn.dot_product_attention`
+# (True), or through jaxkv's own two-part softmax (False); None: fused on GPU in half precision,
+# where it runs cuDNN's fused kernel, jaxkv's own form elsewhere (on CPU XLA lowers both to the
+# same products, and the fused form must first copy the stored keys to its layout).
+FUSED_PREFILL: bool | None = None
+
+
+def _fused_prefill(dtype: object) -> str | None:
+    """The jax.nn.dot_product_attention implementation to use, or None for jaxkv's own."""
+    on_gpu = jax.default_backend() == "gpu"
+    if FUSED_PREFILL is None:
+        half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if on_gpu and half else None
+    if not FUSED_PREFILL:
+        return None
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
 def _decode_by_reduction() -> bool:
     if DECODE_BY_REDUCTION is not None:
         return DECODE_BY_REDUCTION
@@ -75,6 +93,14 @@ def attend(
     """
     if q.shape[1] == 1:
         return _attend_one(q[:, 0], q_pos[:, 0], new, cached, window)[:, None]
+    impl = _fused_prefill(q.dtype)
+    if impl is not None:
+        try:
+            return _attend_fused(q, q_pos, new, cached, window, impl)
+        except (NotImplementedError, ValueError, RuntimeError):
+            if impl == "xla":
+                raise
+            # cuDNN refused this shape or dtype at trace time: jaxkv's own form below.
     scale = q.shape[-1] ** -0.5
     k, v = new
     s = jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32)
@@ -94,6 +120,37 @@ def attend(
         p = (weights[1] / denom).astype(cv.dtype)
         out += jnp.einsum("bngst,bnth->bsngh", p, cv, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
+
+
+def _attend_fused(
+    q: Array,
+    q_pos: Array,
+    new: tuple[Array, Array],
+    cached: tuple[Array, Array, Array] | None,
+    window: int | None,
+    implementation: str,
+) -> Array:
+    """`attend` through jax.nn.dot_product_attention: the stored keys and values (read before
+    this step's write, as in `attend`) and the new ones side by side as one key sequence, with
+    the position mask. Query head n * G + g uses KV head n, as jax's grouped attention does."""
+    b, s, n, g, h = q.shape
+    k, v = new
+    k_pos = q_pos
+    if cached is not None:
+        ck, cv, c_pos = cached
+        k = jnp.concatenate([ck.transpose(0, 3, 1, 2).astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([cv.transpose(0, 2, 1, 3).astype(v.dtype), v], axis=1)
+        k_pos = jnp.concatenate([c_pos, q_pos], axis=1)
+    mask = attention_mask(q_pos, k_pos, window)
+    # A padding query (position -1) sees nothing; let it see its own column, so no row of the
+    # fused kernel is wholly masked (cuDNN may give NaN there). Its output is never stored.
+    own = jnp.eye(s, dtype=bool)[None] & (q_pos < 0)[:, :, None]
+    mask = mask.at[:, :, mask.shape[2] - s :].set(mask[:, :, mask.shape[2] - s :] | own)
+    mask = mask[:, None]  # [B, 1, S, T]
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, s, n * g, h), k, v, mask=mask, implementation=implementation
+    )
+    return out.reshape(b, s, n, g, h).astype(q.dtype)
 
 
 def _attend_one(

@@ -245,7 +245,17 @@ class KVCache:
         min(lengths[b], keep[b]). Only the position table, lengths and index change (no K/V is
         copied); the freed slots are masked by their position -1 and `index` moves back to
         just past the last slot still held, so they are written again."""
-        keep = jnp.broadcast_to(jnp.asarray(keep, jnp.int32), self.lengths.shape)
+        arr = np.asarray(keep)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"keep must be ints (one, or one per row), got dtype {arr.dtype}")
+        if arr.shape not in ((), (self.batch_size,)):
+            raise ValueError(
+                f"keep must be one int or {self.batch_size} ints (one per row), got shape "
+                f"{arr.shape}"
+            )
+        if arr.size and int(arr.min()) < 0:
+            raise ValueError(f"keep must be >= 0, got {arr.tolist()}")
+        keep = jnp.broadcast_to(jnp.asarray(arr, jnp.int32), self.lengths.shape)
         table = jnp.where(self.positions < keep[:, None], self.positions, -1)
         held = jnp.any(table >= 0, axis=0)
         slots = jnp.arange(1, self.capacity + 1, dtype=jnp.int32)

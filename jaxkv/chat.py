@@ -28,7 +28,7 @@ from jaxkv.cache import KVCache
 from jaxkv.config import ModelConfig
 from jaxkv.decode import DecodeState, _resume_jit, _split
 from jaxkv.model import Params
-from jaxkv.prefill import PREFILL_CHUNK, attention_span, extend
+from jaxkv.prefill import PREFILL_CHUNK, attention_span, check_chunk, extend
 from jaxkv.sampling import GREEDY, SamplingConfig, sample
 
 Message = dict[str, str]
@@ -101,8 +101,9 @@ class Conversation:
 
     `reply(messages)` renders the history, prefills only what the cache lacks, and yields the
     reply's tokens in chunks as they are made; the reply stops at one of `stop_ids` (the
-    template's end of turn) or after `max_new_tokens`. `prefilled` records how many tokens each
-    turn ran through the model before sampling.
+    template's end of turn) or after `max_new_tokens`, or when the cache is full; `stop_reason`
+    then says which ("end_of_turn", "max_new_tokens", "capacity"). `prefilled` records how many
+    tokens each turn ran through the model before sampling.
     """
 
     def __init__(
@@ -121,6 +122,10 @@ class Conversation:
         template = getattr(tokenizer, "chat_template", None)
         if not template:
             raise ValueError("this model's tokenizer has no chat template")
+        for name, value in (("capacity", capacity), ("chunk_size", chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_chunk(prefill_chunk)
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.template = template
         self.capacity = capacity
@@ -134,6 +139,7 @@ class Conversation:
         self.cache = KVCache.init(config, 1, capacity)
         self.tokens: list[int] = []  # what the cache holds, in order
         self.prefilled: list[int] = []
+        self.stop_reason: str | None = None
 
     def render(self, messages: Sequence[Message]) -> list[int]:
         text = render_chat(
@@ -143,7 +149,12 @@ class Conversation:
             bos_token=getattr(self.tokenizer, "bos_token", None),
             eos_token=getattr(self.tokenizer, "eos_token", None),
         )
-        return self.tokenizer.encode(text)
+        # The template writes its own special tokens (BOS included), as transformers'
+        # apply_chat_template tokenizes: no tokenizer-added specials.
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        except TypeError:  # a tokenizer without the option
+            return self.tokenizer.encode(text)
 
     def _prefill(self, ids: list[int]) -> jax.Array:
         """Bring the cache to hold exactly `ids`; returns the logits of the last one."""
@@ -174,49 +185,56 @@ class Conversation:
 
         The cache then holds the history and the reply except its last token (sampled, not yet
         run); the next turn's render brings that token in with the rest."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.stop_reason = None
         logits = self._prefill(self.render(messages))
         eos = jnp.asarray(self.stop_ids, jnp.int32)
         self.key, sub = _split(self.key, self.sampling)
         first = sample(logits, sub, self.sampling)
         pending = int(first[0])
         if pending in self.stop_ids:
+            self.stop_reason = "end_of_turn"
             return
         state = DecodeState(cache=self.cache, tokens=first, done=jnp.isin(first, eos), key=self.key)
-        try:
-            yield [pending]
-            emitted = 1
-            while emitted < max_new_tokens:
-                room = self.capacity - int(state.cache.index)
-                if room < 1:
-                    break
-                n = min(self.chunk_size, room, max_new_tokens - emitted)
-                state, toks, ok, _ = _resume_jit(
-                    self.params,
-                    state,
-                    eos,
-                    jnp.int32(0),
-                    jnp.int32(n),
-                    config=self.config,
-                    sampling=self.sampling,
-                    n_steps=self.chunk_size,
-                    span=attention_span(int(state.cache.index) + self.chunk_size, self.capacity),
-                )
-                got = [
-                    int(t) for t, k in zip(np.asarray(toks[0]), np.asarray(ok[0]), strict=True) if k
-                ]
-                if not got:
-                    break
-                # Each step ran the pending token into the cache and sampled the next one.
-                self.tokens += [pending, *got[:-1]]
-                pending = got[-1]
-                visible = [t for t in got if t not in self.stop_ids]  # a stop ends the row
-                if visible:
-                    yield visible
-                    emitted += len(visible)
-                if pending in self.stop_ids:
-                    break
-        finally:
+        self.stop_reason = "max_new_tokens"
+        yield [pending]
+        emitted = 1
+        while emitted < max_new_tokens:
+            room = self.capacity - int(state.cache.index)
+            if room < 1:
+                self.stop_reason = "capacity"
+                break
+            n = min(self.chunk_size, room, max_new_tokens - emitted)
+            state, toks, ok, _ = _resume_jit(
+                self.params,
+                state,
+                eos,
+                jnp.int32(0),
+                jnp.int32(n),
+                config=self.config,
+                sampling=self.sampling,
+                n_steps=self.chunk_size,
+                span=attention_span(int(state.cache.index) + self.chunk_size, self.capacity),
+            )
+            # The old state was donated: the conversation holds the new one at once.
             self.cache, self.key = state.cache, state.key
+            got = [int(t) for t, k in zip(np.asarray(toks[0]), np.asarray(ok[0]), strict=True) if k]
+            if not got:  # no room for the pending token
+                self.stop_reason = "capacity"
+                break
+            # Each step ran the pending token into the cache and sampled the next one.
+            self.tokens += [pending, *got[:-1]]
+            pending = got[-1]
+            visible = [t for t in got if t not in self.stop_ids]  # a stop ends the row
+            if visible:
+                yield visible
+                emitted += len(visible)
+            if pending in self.stop_ids:
+                self.stop_reason = "end_of_turn"
+                break
 
     def reply_text(
         self,

@@ -227,6 +227,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from jaxkv.gguf_checkpoint import convert_gguf, is_gguf
 
     src = Path(args.src)
+    if not src.is_file():
+        raise UsageError(f"jaxkv convert: {src} does not exist")
     if not is_gguf(src):
         raise UsageError(f"jaxkv convert: {src} is not a GGUF file")
     try:
@@ -251,7 +253,7 @@ def _chat_model(path: str | None) -> str:
     return str(real)
 
 
-def _user_turns(system: str | None) -> Any:
+def _user_turns() -> Any:
     """User turns: typed at a prompt on a terminal, else one per line of stdin."""
     if sys.stdin.isatty():
         while True:
@@ -290,7 +292,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     out = sys.stdout
-    for turn, user in enumerate(_user_turns(args.system), 1):
+    for turn, user in enumerate(_user_turns(), 1):
         messages.append({"role": "user", "content": user})
         start, compiled = time.perf_counter(), clock.seconds
 
@@ -307,6 +309,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": text})
         elapsed = time.perf_counter() - start
         run = max(elapsed - (clock.seconds - compiled), 1e-9)
+        if chat.stop_reason != "end_of_turn":
+            print(f"[jaxkv] the reply stopped at {chat.stop_reason}", file=sys.stderr)
         print(
             f"[jaxkv] turn {turn}: prefilled {chat.prefilled[-1]} new tokens "
             f"(cache holds {len(chat.tokens)}), {len(ids)} tokens in {elapsed:.2f}s, "

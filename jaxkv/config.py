@@ -203,6 +203,18 @@ PRESETS: dict[str, ModelConfig] = {
         ffn_dim=2048,
         max_seq_len=32768,
     ),
+    # SmolLM2-135M shape (the real model's, for measurements where its file is not at hand).
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        ffn_dim=1536,
+        max_seq_len=8192,
+        rope_theta=100000.0,
+        tie_embeddings=True,
+    ),
     # TinyLlama-1.1B shape.
     "llama-1b": ModelConfig(
         vocab_size=32000,

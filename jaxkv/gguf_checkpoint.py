@@ -18,6 +18,7 @@ config.json, tokenizer.json, tokenizer_config.json with the chat template).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -104,19 +105,34 @@ class GGUFTokenizerSpec:
     pad_id: int | None
     chat_template: str | None
     add_bos: bool
+    stop_ids: list[int]
 
     def token(self, i: int | None) -> str | None:
         return None if i is None else self.tokenizer.id_to_token(i)
 
 
-def _reader(path: str | os.PathLike[str]) -> Any:
+def _reader(path: Path) -> tuple[Any, dict[str, Any]]:
+    """(reader, metadata) of a GGUF file, parsed once per process for each version of the file:
+    gguf's reader parses every vocabulary entry in Python (seconds for a 49k vocabulary), and
+    loading a model and its tokenizer both need it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    st = path.stat()
+    return _parse(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _parse(path: str, mtime_ns: int, size: int) -> tuple[Any, dict[str, Any]]:
+    reader = _open(Path(path))
+    return reader, _fields(reader)
+
+
+def _open(path: Path) -> Any:
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - gguf is a core dependency
         raise CheckpointError("reading GGUF files needs the `gguf` package") from e
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"GGUF file {path} does not exist")
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, struct errors, ...
@@ -323,10 +339,16 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Any = "") -> GGUFTokenizerSp
     alphabet = set(spelling.values())
     # Tokens are stored in the byte alphabet; a special token spelled otherwise (a llama.cpp
     # mislabel) is respelled so the vocabulary keeps every id.
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        spelled = tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode())
-        vocab.setdefault(spelled, i)
+    spelled = [
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()) for t in tokens
+    ]
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(spelled):
+        if tok in vocab:
+            raise CheckpointError(
+                f"{path}: GGUF tokens {vocab[tok]} and {i} are both spelled {tokens[i]!r}"
+            )
+        vocab[tok] = i
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     split = PRE_TOKENIZERS[pre]
@@ -347,6 +369,8 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Any = "") -> GGUFTokenizerSp
             ]
         )
     tk.decoder = decoders.ByteLevel()
+    # Control and user-defined tokens match whole in the text; those spelled outside the byte
+    # alphabet (mislabels) stay ordinary vocabulary entries under their byte spelling.
     special = [
         AddedToken(t, special=True, normalized=False)
         for t, ty in zip(tokens, types, strict=True)
@@ -355,7 +379,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Any = "") -> GGUFTokenizerSp
     user = [
         AddedToken(t, special=False, normalized=False)
         for t, ty in zip(tokens, types, strict=True)
-        if ty == _USER_DEFINED
+        if ty == _USER_DEFINED and set(t) <= alphabet
     ]
     tk.add_special_tokens(special)
     tk.add_tokens(user)
@@ -365,6 +389,8 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Any = "") -> GGUFTokenizerSp
         return None if v is None else int(v)
 
     bos, eos, pad = tid("bos"), tid("eos"), tid("padding")
+    # Generation stops at EOS, and at the end-of-turn / end-of-message tokens files name apart.
+    stops = sorted({i for i in (eos, tid("eot"), tid("eom")) if i is not None})
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     if add_bos and bos is not None:
         bos_tok = tokens[bos]
@@ -382,6 +408,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Any = "") -> GGUFTokenizerSp
         pad_id=pad,
         chat_template=meta.get("tokenizer.chat_template"),
         add_bos=add_bos,
+        stop_ids=stops,
     )
 
 
@@ -401,8 +428,7 @@ class GGUFModel:
 def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     """Open a GGUF file: metadata, config and (lazily dequantized) weights."""
     path = Path(path)
-    reader = _reader(path)
-    meta = _fields(reader)
+    reader, meta = _reader(path)
     names = {t.name for t in reader.tensors}
     hf = hf_config_from_gguf(meta, names, path)
     weights = GGUFWeights(reader, hf, meta["general.architecture"], path)

@@ -106,7 +106,7 @@ class HFTokenizer:
 
         spec = read_gguf(path).tokenizer()
         tok = spec.tokenizer
-        eos = [] if spec.eos_id is None else [spec.eos_id]
+        eos = spec.stop_ids
         return cls(
             tok,
             eos,
@@ -166,8 +166,10 @@ class HFTokenizer:
             eos_token=name("eos_token"),
         )
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text).ids)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; add_special_tokens=False leaves out what the tokenizer's
+        post-processor adds (a BOS), as for text a chat template rendered."""
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -16,3 +16,6 @@ timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_model.py::test_prefill_returns_last_prompt_logits \
   tests/test_compiled.py tests/test_generate.py::test_greedy_generate_equals_naive_argmax_loop \
   2>&1 | tail -20 | tee "$OUT/tests.txt"
+# Chunked prefill: jaxkv's own attention against cuDNN's fused kernel (bf16), SmolLM2's shape.
+timeout "${PREFILL_TIMEOUT:-120}" python3 scripts/prefill_attention.py --dtype bfloat16 \
+  --tokens 4096 16384 2>&1 | tee "$OUT/prefill_attention.txt"

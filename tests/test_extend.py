@@ -51,21 +51,23 @@ def test_prefill_extend_extend_equals_forward(name, rng):
         np.testing.assert_allclose(step[row], ref2[row][-1], atol=ATOL)
 
 
-def test_extend_in_chunks_equals_forward(rng):
+@pytest.mark.parametrize("logits", ["all", "last"])
+def test_extend_in_chunks_equals_forward(logits, rng):
+    """37 new tokens into the 37 slots left: in chunks of 16, two full chunks in a scan, then a
+    remainder of 5 that holds the longest row's last tokens."""
     cfg, params = tiny("test-gqa")
     full, (a, b) = _split_rows(rng, [[4, 2], [37, 29]], cfg.vocab_size)
     ref = reference_logits(params, cfg, full)
-    _, cache = jaxkv.prefill(params, cfg, a, capacity=96)
-    # 37 new tokens in chunks of 16: two full chunks in a scan, then a remainder of 5 (the
-    # bucket is 64 here, so the scan runs 4 chunks, the last ones padding).
-    logits, cache = jaxkv.extend(params, cfg, cache, b, prefill_chunk=16)
+    _, cache = jaxkv.prefill(params, cfg, a, capacity=41)
+    out, cache = jaxkv.extend(params, cfg, cache, b, logits=logits, prefill_chunk=16)
     for row in range(2):
         la, lb = len(a[row]), len(b[row])
-        np.testing.assert_allclose(logits[row, :lb], ref[row][la : la + lb], atol=ATOL)
-    last, _ = jaxkv.extend(params, cfg, cache, [[1], [2]], logits="last", prefill_chunk=16)
-    ref3 = reference_logits(params, cfg, [full[0] + [1], full[1] + [2]])
-    np.testing.assert_allclose(last[0], ref3[0][-1], atol=ATOL)
-    np.testing.assert_allclose(last[1], ref3[1][-1], atol=ATOL)
+        if logits == "all":
+            np.testing.assert_allclose(out[row, :lb], ref[row][la : la + lb], atol=ATOL)
+        else:
+            np.testing.assert_allclose(out[row], ref[row][la + lb - 1], atol=ATOL)
+    assert int(cache.index) == 41
+    np.testing.assert_array_equal(cache.lengths, [41, 31])
 
 
 @pytest.mark.parametrize("capacity", [100, 128])
@@ -136,6 +138,12 @@ def test_truncate_rolls_back(rng):
     # The slots freed by the rollback are written again: index is back to the held prefix.
     full = cache.truncate(0)
     assert int(full.index) == 0 and int(full.lengths.max()) == 0
+    with pytest.raises(ValueError, match=r"keep must be >= 0, got \[3, -1\]"):
+        cache.truncate(np.array([3, -1]))
+    with pytest.raises(ValueError, match=r"one int or 2 ints .* shape \(3,\)"):
+        cache.truncate(np.array([1, 2, 3]))
+    with pytest.raises(TypeError, match="keep must be ints"):
+        cache.truncate(1.5)
 
 
 def test_extend_errors():
@@ -159,3 +167,37 @@ def test_extend_errors():
     logits, _ = jaxkv.extend(params, cfg, cache, [[1], [2]], logits="last")
     assert np.isfinite(np.asarray(logits)).all()
     assert jax.tree.leaves(cache)[0].shape[0] == 2
+
+
+def test_fused_prefill_attention_equals_jaxkv_attention(rng, monkeypatch):
+    """Prefill, chunked prefill and extend through jax.nn.dot_product_attention (the form GPU
+    prefill uses, here with XLA's implementation) give jaxkv's own attention's logits."""
+    from jaxkv import attention
+
+    cfg, params = tiny("test-gqa")
+    full, (a, b) = _split_rows(rng, [[20, 3], [6, 11]], cfg.vocab_size)
+    ref = reference_logits(params, cfg, full)  # jaxkv's own attention
+    window_cfg = cfg.replace(sliding_window=5)
+    ref_w = reference_logits(params, window_cfg, full)
+    monkeypatch.setattr(attention, "FUSED_PREFILL", True)
+    calls = []
+    fused = jax.nn.dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["implementation"])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", counted)
+    jax.clear_caches()  # the form is chosen at trace time
+    try:
+        for c, want in ((cfg, ref), (window_cfg, ref_w)):
+            last, cache = jaxkv.prefill(params, c, a, capacity=64, prefill_chunk=16)
+            logits, _ = jaxkv.extend(params, c, cache, b)
+            for row in range(2):
+                la, lb = len(a[row]), len(b[row])
+                np.testing.assert_allclose(last[row], want[row][la - 1], atol=ATOL)
+                np.testing.assert_allclose(logits[row, :lb], want[row][la : la + lb], atol=ATOL)
+        assert calls and set(calls) == {"xla"}
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
