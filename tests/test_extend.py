@@ -51,15 +51,16 @@ def test_prefill_extend_extend_equals_forward(name, rng):
         np.testing.assert_allclose(step[row], ref2[row][-1], atol=ATOL)
 
 
-@pytest.mark.parametrize("logits", ["all", "last"])
-def test_extend_in_chunks_equals_forward(logits, rng):
+@pytest.mark.parametrize(("logits", "chunk"), [("all", 16), ("last", 16), ("all", 4), ("last", 4)])
+def test_extend_in_chunks_equals_forward(logits, chunk, rng):
     """37 new tokens into the 37 slots left: in chunks of 16, two full chunks in a scan, then a
-    remainder of 5 that holds the longest row's last tokens."""
+    remainder of 5 that holds the longest row's last tokens; in chunks of 4, nine chunks in
+    four scans of growing spans, then a remainder of 1."""
     cfg, params = tiny("test-gqa")
     full, (a, b) = _split_rows(rng, [[4, 2], [37, 29]], cfg.vocab_size)
     ref = reference_logits(params, cfg, full)
     _, cache = jaxkv.prefill(params, cfg, a, capacity=41)
-    out, cache = jaxkv.extend(params, cfg, cache, b, logits=logits, prefill_chunk=16)
+    out, cache = jaxkv.extend(params, cfg, cache, b, logits=logits, prefill_chunk=chunk)
     for row in range(2):
         la, lb = len(a[row]), len(b[row])
         if logits == "all":
