@@ -171,16 +171,13 @@ def test_extend_errors():
 
 
 def test_fused_prefill_attention_equals_jaxkv_attention(rng, monkeypatch):
-    """Prefill, chunked prefill and extend through jax.nn.dot_product_attention (the form GPU
-    prefill uses, here with XLA's implementation) give jaxkv's own attention's logits."""
+    """Prefill, chunked prefill and extend through jax.nn.dot_product_attention (the default;
+    XLA's implementation here) give the logits of jaxkv's own two-part attention."""
     from jaxkv import attention
 
     cfg, params = tiny("test-gqa")
-    full, (a, b) = _split_rows(rng, [[20, 3], [6, 11]], cfg.vocab_size)
-    ref = reference_logits(params, cfg, full)  # jaxkv's own attention
     window_cfg = cfg.replace(sliding_window=5)
-    ref_w = reference_logits(params, window_cfg, full)
-    monkeypatch.setattr(attention, "FUSED_PREFILL", True)
+    full, (a, b) = _split_rows(rng, [[20, 3], [6, 11]], cfg.vocab_size)
     calls = []
     fused = jax.nn.dot_product_attention
 
@@ -189,16 +186,28 @@ def test_fused_prefill_attention_equals_jaxkv_attention(rng, monkeypatch):
         return fused(*args, **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", counted)
-    jax.clear_caches()  # the form is chosen at trace time
+
+    def run(c, use_fused):
+        monkeypatch.setattr(attention, "FUSED_PREFILL", use_fused)
+        jax.clear_caches()  # the form is chosen at trace time
+        last, cache = jaxkv.prefill(params, c, a, capacity=64, prefill_chunk=16)
+        logits, _ = jaxkv.extend(params, c, cache, b)
+        return np.asarray(last), np.asarray(logits), reference_logits(params, c, full)
+
     try:
-        for c, want in ((cfg, ref), (window_cfg, ref_w)):
-            last, cache = jaxkv.prefill(params, c, a, capacity=64, prefill_chunk=16)
-            logits, _ = jaxkv.extend(params, c, cache, b)
+        for c in (cfg, window_cfg):
+            own = run(c, False)
+            assert not calls
+            got = run(c, True)
+            assert calls and set(calls) == {"xla"}
+            calls.clear()
             for row in range(2):
                 la, lb = len(a[row]), len(b[row])
-                np.testing.assert_allclose(last[row], want[row][la - 1], atol=ATOL)
-                np.testing.assert_allclose(logits[row, :lb], want[row][la : la + lb], atol=ATOL)
-        assert calls and set(calls) == {"xla"}
+                for x in (own, got):  # each against the forward of jaxkv's own attention
+                    np.testing.assert_allclose(x[0][row], own[2][row][la - 1], atol=ATOL)
+                    want = own[2][row][la : la + lb]
+                    np.testing.assert_allclose(x[1][row, :lb], want, atol=ATOL)
+                np.testing.assert_allclose(got[2][row], own[2][row], atol=ATOL)
     finally:
         monkeypatch.undo()
         jax.clear_caches()
