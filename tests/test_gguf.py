@@ -32,7 +32,7 @@ TEMPLATE = (
 
 def _byte_vocab():
     """A byte-level BPE vocabulary: the 256 byte symbols, a few merges, then special tokens."""
-    from jaxkv.gguf_checkpoint import _byte_alphabet
+    from jaxkv.gguf_tokenizer import _byte_alphabet
 
     symbols = list(_byte_alphabet().values())
     merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r"]
