@@ -141,6 +141,11 @@ class Conversation:
         self.prefilled: list[int] = []
         self.stop_reason: str | None = None
 
+    def _reset(self) -> None:
+        """An empty cache (after a failed device call that may have consumed the old one)."""
+        self.cache = KVCache.init(self.config, 1, self.capacity)
+        self.tokens = []
+
     def render(self, messages: Sequence[Message]) -> list[int]:
         text = render_chat(
             self.template,
@@ -158,24 +163,28 @@ class Conversation:
 
     def _prefill(self, ids: list[int]) -> jax.Array:
         """Bring the cache to hold exactly `ids`; returns the logits of the last one."""
+        if len(ids) > self.capacity:
+            raise ValueError(
+                f"the conversation is {len(ids)} tokens, over the cache capacity {self.capacity}"
+            )
         keep = _common_prefix(self.tokens, ids)
         keep = min(keep, len(ids) - 1)  # the last token is always run, for its logits
         if keep < len(self.tokens):
             self.cache = self.cache.truncate(keep)
             self.tokens = self.tokens[:keep]
         new = ids[keep:]
-        if len(ids) > self.capacity:
-            raise ValueError(
-                f"the conversation is {len(ids)} tokens, over the cache capacity {self.capacity}"
+        try:
+            logits, self.cache = extend(
+                self.params,
+                self.config,
+                self.cache,
+                [new],
+                logits="last",
+                prefill_chunk=self.prefill_chunk,
             )
-        logits, self.cache = extend(
-            self.params,
-            self.config,
-            self.cache,
-            [new],
-            logits="last",
-            prefill_chunk=self.prefill_chunk,
-        )
+        except Exception:
+            self._reset()  # the cache may have been donated to the failed call
+            raise
         self.tokens = list(ids)
         self.prefilled.append(len(new))
         return logits
@@ -208,17 +217,21 @@ class Conversation:
                 self.stop_reason = "capacity"
                 break
             n = min(self.chunk_size, room, max_new_tokens - emitted)
-            state, toks, ok, _ = _resume_jit(
-                self.params,
-                state,
-                eos,
-                jnp.int32(0),
-                jnp.int32(n),
-                config=self.config,
-                sampling=self.sampling,
-                n_steps=self.chunk_size,
-                span=attention_span(int(state.cache.index) + self.chunk_size, self.capacity),
-            )
+            try:
+                state, toks, ok, _ = _resume_jit(
+                    self.params,
+                    state,
+                    eos,
+                    jnp.int32(0),
+                    jnp.int32(n),
+                    config=self.config,
+                    sampling=self.sampling,
+                    n_steps=self.chunk_size,
+                    span=attention_span(int(state.cache.index) + self.chunk_size, self.capacity),
+                )
+            except Exception:
+                self._reset()  # the state was donated to the failed call
+                raise
             # The old state was donated: the conversation holds the new one at once.
             self.cache, self.key = state.cache, state.key
             got = [int(t) for t, k in zip(np.asarray(toks[0]), np.asarray(ok[0]), strict=True) if k]

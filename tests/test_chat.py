@@ -90,6 +90,13 @@ def test_stop_reasons_and_errors():
     _, reply = small.reply_text(msgs, max_new_tokens=100)
     assert small.stop_reason == "capacity"
     assert len(reply) == 24 - len(small.render(msgs)) + 1  # every slot used, plus the pending
+    held = list(chat.tokens)
+    too_long = [{"role": "user", "content": "y" * 300}]
+    with pytest.raises(ValueError, match=r"is 318 tokens, over the cache capacity 256"):
+        list(chat.reply(too_long))
+    assert chat.tokens == held  # nothing rolled back for a turn that could not run
+    _, again = chat.reply_text(msgs, max_new_tokens=3)
+    assert len(again) == 3 and chat.prefilled[-1] == 1  # the cache was kept: one token rerun
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         list(chat.reply(msgs, max_new_tokens=0))
     with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
