@@ -227,7 +227,9 @@ class Conversation:
                     config=self.config,
                     sampling=self.sampling,
                     n_steps=self.chunk_size,
-                    span=attention_span(int(state.cache.index) + self.chunk_size, self.capacity),
+                    span=attention_span(
+                        int(state.cache.index) + self.chunk_size, self.capacity, True
+                    ),
                 )
             except Exception:
                 self._reset()  # the state was donated to the failed call

@@ -13,7 +13,11 @@ attended to.
 
 Attention span: a generation of N tokens from a bucket of S can only touch the first S + N
 slots, so the compiled loop attends over that many slots (rounded up to a multiple of
-`SPAN_ALIGN`), not over the whole capacity. Step cost follows the tokens, not the cache size.
+`SPAN_ALIGN`, see `jaxkv.prefill.attention_span`), not over the whole capacity. Step cost
+follows the tokens, not the cache size.
+
+Prompts longer than `prefill_chunk` run through the model in chunks (`jaxkv.prefill.feed`),
+inside the same compiled program.
 
 Stopping: a row stops after it emits one of the EOS ids, or when the cache has no room for its
 next token. A stopped row emits `pad_id`, stores nothing and its cache rows stop changing.

@@ -48,15 +48,17 @@ def bucket_length(n: int, capacity: int) -> int:
     return min(b, capacity)
 
 
-def attention_span(last_slot: int, capacity: int) -> int:
-    """Slots attention covers when nothing is written past `last_slot` (exclusive): SPAN_ALIGN
-    times the next power of two, so a conversation or a long generation compiles a handful of
-    spans, not one per SPAN_ALIGN slots. On CPU, where reading a prefix of the cache copies it
-    first, a span over half the capacity reads the whole cache instead (measured as fast or
-    faster: llama-3m at position 1024 of 2048, 0.65 ms/step whole against 0.75 for a 1152
-    span)."""
+def attention_span(last_slot: int, capacity: int, few_compiles: bool = False) -> int:
+    """Slots attention covers when nothing is written past `last_slot` (exclusive): that many,
+    rounded up to SPAN_ALIGN, or with `few_compiles` to SPAN_ALIGN times a power of two (for
+    callers that compile one program per span as a conversation grows: extend, chat). On CPU,
+    where reading a prefix of the cache copies it first, a span over half the capacity reads
+    the whole cache instead (measured as fast or faster: llama-3m at position 1024 of 2048,
+    0.65 ms/step whole against 0.75 for a 1152 span)."""
     blocks = max(1, -(-last_slot // SPAN_ALIGN))
-    span = min(capacity, SPAN_ALIGN << max(0, blocks - 1).bit_length())
+    if few_compiles:
+        blocks = 1 << (blocks - 1).bit_length()
+    span = min(capacity, blocks * SPAN_ALIGN)
     if jax.default_backend() == "cpu" and 2 * span > capacity:
         return capacity
     return span
@@ -239,7 +241,7 @@ def extend(
         put_rows(last_col, rules),
         config=config,
         chunk=chunk,
-        span=_span_or_none(attention_span(index + s, cache.capacity), cache.capacity),
+        span=_span_or_none(attention_span(index + s, cache.capacity, True), cache.capacity),
         all_logits=logits == "all",
         rules=rules,
     )

@@ -76,6 +76,15 @@ def test_attention_span_rounding():
     assert attention_span(128, 4096) == 128
     assert attention_span(129, 4096) == 256
     assert attention_span(300, 200) == 200
+    # For extend and chat: 128 times a power of two, so a growing conversation compiles few.
+    assert attention_span(300, 8192) == 384
+    assert [attention_span(n, 8192, True) for n in (1, 129, 300, 513, 1500)] == [
+        128,
+        256,
+        512,
+        1024,
+        2048,
+    ]
     # On CPU a span over half the capacity reads the whole cache (no copy of a prefix).
     assert jax.default_backend() == "cpu"
     assert attention_span(1000, 2048) == 1024
