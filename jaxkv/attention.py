@@ -192,6 +192,7 @@ class Attention(nn.Module):
     """Self-attention over the new tokens and, if given, the cached ones."""
 
     config: ModelConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(
@@ -218,7 +219,7 @@ class Attention(nn.Module):
             span = kv.capacity if span is None else span
             if span > 0:
                 cached = (*kv.read(span), plan.cached_positions(span))
-        out = attend(q, positions, (k, v), cached, cfg.sliding_window)
+        out = attend(q, positions, (k, v), cached, cfg.layer_window(self.layer))
         if kv is not None:  # stored after attention read the cache: updated in place
             kv = kv.write(k, v, plan, after=out[:, :, :, 0])
         wo = self.param("o", _init, (cfg.n_kv_heads, g, hd, cfg.d_model), jnp.float32)

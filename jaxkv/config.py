@@ -19,6 +19,7 @@ PositionKind = Literal["rope", "learned"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_KINDS = ("linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,11 @@ class ModelConfig:
         qkv_bias / out_bias / mlp_bias: biases on the q/k/v, output and MLP projections.
         tie_embeddings: the output projection is the transposed token embedding.
         sliding_window: if set, a query attends only to the last `sliding_window` positions
-            (itself included), as in Mistral.
+            (itself included), as in Mistral: on every layer, or with `layer_types` on the
+            layers marked "sliding_attention" only.
+        layer_types: None (every layer alike), or one entry per layer, "full_attention" or
+            "sliding_attention" (Hugging Face's names): hybrid local/global models such as
+            Gemma 2/3 or Qwen2 with max_window_layers. Sliding layers need `sliding_window`.
         dtype: dtype of activations and of the KV cache.
     """
 
@@ -91,6 +96,7 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -121,6 +127,18 @@ class ModelConfig:
             raise ValueError(f"position must be 'rope' or 'learned', got {self.position!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            object.__setattr__(self, "layer_types", types)
+            if len(types) != self.n_layers:
+                raise ValueError(
+                    f"layer_types has {len(types)} entries but n_layers={self.n_layers}"
+                )
+            bad = sorted(set(types) - set(LAYER_TYPES))
+            if bad:
+                raise ValueError(f"layer_types has {bad}; each must be one of {LAYER_TYPES}")
+            if "sliding_attention" in types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but no sliding_window")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.dtype not in _DTYPES:
@@ -130,6 +148,17 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         """Query heads that share one KV head (the GQA group size)."""
         return self.n_heads // self.n_kv_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: full attention)."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """`layer_window` of every layer."""
+        return tuple(self.layer_window(i) for i in range(self.n_layers))
 
     @property
     def jnp_dtype(self) -> Any:

@@ -35,6 +35,7 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     config: ModelConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(
@@ -45,7 +46,7 @@ class Block(nn.Module):
         plan: WritePlan | None,
         span: int | None,
     ) -> tuple[Array, LayerKV | None]:
-        h, kv = Attention(self.config, name="attn")(
+        h, kv = Attention(self.config, self.layer, name="attn")(
             Norm(self.config, name="attn_norm")(x), positions, kv, plan, span
         )
         x = x + h
@@ -84,7 +85,7 @@ class Transformer(nn.Module):
         layers = []
         for i in range(cfg.n_layers):
             kv = cache.layers[i] if cache is not None else None
-            x, kv = Block(cfg, name=f"layers_{i}")(x, positions, kv, plan, span)
+            x, kv = Block(cfg, i, name=f"layers_{i}")(x, positions, kv, plan, span)
             layers.append(kv)
         x = Norm(cfg, name="final_norm")(x)
         if logits_at is not None:
