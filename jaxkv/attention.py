@@ -16,12 +16,13 @@ Weights:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkv.cache import LayerKV, WritePlan
+from jaxkv.cache import LayerCache, Segment, WritePlan
 from jaxkv.config import ModelConfig
 from jaxkv.layers import apply_rope
 
@@ -61,39 +62,64 @@ def _decode_by_reduction() -> bool:
 _MASKED = -1e30
 
 
-def attention_mask(q_pos: Array, k_pos: Array, window: int | None) -> Array:
+def attention_mask(q_pos: Array, k_pos: Array, window: int | None, sinks: int = 0) -> Array:
     """bool [B, S, T]: which keys (positions k_pos [B, T], -1 empty) each query (q_pos [B, S])
-    may attend to."""
+    may attend to: not after the query, within the last `window` positions (itself included)
+    or among the first `sinks` positions."""
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     mask = (kp >= 0) & (kp <= qp)
     if window is not None:
-        mask &= kp > qp - window
+        recent = kp > qp - window
+        mask &= (recent | (kp < sinks)) if sinks else recent
     return mask
+
+
+def _masked_values(v: Array, pos: Array, axis: int) -> Array:
+    """v with the slots of no position (empty, stale, rolled back) zeroed: a masked score gives
+    weight 0, but 0 * NaN is NaN, so a stale NaN must not reach the product."""
+    shape = [1] * v.ndim
+    shape[0], shape[axis] = pos.shape
+    return jnp.where((pos >= 0).reshape(shape), v, jnp.zeros((), v.dtype))
+
+
+def _segment_scores(q: Array, q_sink: Array | None, seg: Segment, spec: str) -> Array:
+    """Scores of q against a segment's keys (einsum `spec`, keys [B, N, H, T] last), the
+    first `seg.sink_slots` slots scored with q_sink (the query at its cache position)."""
+    s = jnp.einsum(spec, q, seg.k, preferred_element_type=jnp.float32)
+    n = seg.sink_slots
+    if n and q_sink is not None:
+        head = jnp.einsum(spec, q_sink, seg.k[..., :n], preferred_element_type=jnp.float32)
+        s = jnp.concatenate([head, s[..., n:]], axis=-1)
+    return s
 
 
 def attend(
     q: Array,
     q_pos: Array,
     new: tuple[Array, Array],
-    cached: tuple[Array, Array, Array] | None = None,
+    segments: Sequence[Segment] = (),
     window: int | None = None,
+    sinks: int = 0,
+    q_sink: Array | None = None,
 ) -> Array:
-    """Grouped-query attention of q over the new tokens and, if given, the stored ones.
+    """Grouped-query attention of q over the new tokens and the stored segments.
 
     q: [B, S, N, G, H] (N KV heads with G query heads each, head dim H); q_pos: [B, S].
     new: the new tokens' own (k, v), [B, S, N, H] each, at positions q_pos.
-    cached: stored (k [B, N, H, T], v [B, N, T, H], k_pos [B, T]) in the cache's layout (see
-    jaxkv.cache), read before this step's write.
-    One float32 softmax runs over the scores of both parts without concatenating them, so
+    segments: what the cache holds (see jaxkv.cache.Segment), read before this step's write.
+    window / sinks: the mask (see `attention_mask`). q_sink: q rotated at each query's
+    position within the cache (sinks at cache positions), used for the keys of positions
+    < sinks; None: every key is scored with q.
+    One float32 softmax runs over the scores of every part without concatenating them, so
     attention never reads the buffer being written: XLA can then update it in place.
     Returns [B, S, N, G, H].
     """
     if q.shape[1] == 1:
-        return _attend_one(q[:, 0], q_pos[:, 0], new, cached, window)[:, None]
-    impl = _fused_prefill(q.dtype)
+        return _attend_one(q[:, 0], q_pos[:, 0], new, segments, window, sinks, q_sink)[:, None]
+    impl = _fused_prefill(q.dtype) if q_sink is None else None
     if impl is not None:
         try:
-            return _attend_fused(q, q_pos, new, cached, window, impl)
+            return _attend_fused(q, q_pos, new, segments, window, sinks, impl)
         except (NotImplementedError, ValueError, RuntimeError):
             if impl == "xla":
                 raise
@@ -101,21 +127,24 @@ def attend(
     scale = q.shape[-1] ** -0.5
     k, v = new
     s = jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32)
-    mask = attention_mask(q_pos, q_pos, window)[:, None, None]
+    if q_sink is not None:  # the block's own sinks, seen from each query's cache position
+        s_sink = jnp.einsum("bsngh,btnh->bngst", q_sink, k, preferred_element_type=jnp.float32)
+        s = jnp.where((q_pos < sinks)[:, None, None, None, :], s_sink, s)
+    mask = attention_mask(q_pos, q_pos, window, sinks)[:, None, None]
     scores = [jnp.where(mask, s * scale, _MASKED)]  # each [B, N, G, S, T]
-    if cached is not None:
-        ck, cv, k_pos = cached
-        s = jnp.einsum("bsngh,bnht->bngst", q, ck, preferred_element_type=jnp.float32)
-        mask = attention_mask(q_pos, k_pos, window)[:, None, None]
+    values = [(v, "bngst,btnh->bsngh")]
+    for seg in segments:
+        s = _segment_scores(q, q_sink, seg, "bsngh,bnht->bngst")
+        mask = attention_mask(q_pos, seg.pos, window, sinks)[:, None, None]
         scores.append(jnp.where(mask, s * scale, _MASKED))
+        values.append((_masked_values(seg.v, seg.pos, 2), "bngst,bnth->bsngh"))
     top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
     weights = [jnp.exp(s - top) for s in scores]
     denom = sum(jnp.sum(w, axis=-1, keepdims=True) for w in weights)
-    p = (weights[0] / denom).astype(v.dtype)
-    out = jnp.einsum("bngst,btnh->bsngh", p, v, preferred_element_type=jnp.float32)
-    if cached is not None:
-        p = (weights[1] / denom).astype(cv.dtype)
-        out += jnp.einsum("bngst,bnth->bsngh", p, cv, preferred_element_type=jnp.float32)
+    out = 0.0
+    for w, (val, spec) in zip(weights, values, strict=True):
+        p = (w / denom).astype(val.dtype)
+        out = out + jnp.einsum(spec, p, val, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 
 
@@ -123,22 +152,25 @@ def _attend_fused(
     q: Array,
     q_pos: Array,
     new: tuple[Array, Array],
-    cached: tuple[Array, Array, Array] | None,
+    segments: Sequence[Segment],
     window: int | None,
+    sinks: int,
     implementation: str,
 ) -> Array:
-    """`attend` through jax.nn.dot_product_attention: the stored keys and values (read before
-    this step's write, as in `attend`) and the new ones side by side as one key sequence, with
-    the position mask. Query head n * G + g uses KV head n, as jax's grouped attention does."""
+    """`attend` through jax.nn.dot_product_attention: the stored segments (read before this
+    step's write, as in `attend`) and the new keys side by side as one key sequence, with the
+    position mask. Query head n * G + g uses KV head n, as jax's grouped attention does."""
     b, s, n, g, h = q.shape
     k, v = new
-    k_pos = q_pos
-    if cached is not None:
-        ck, cv, c_pos = cached
-        k = jnp.concatenate([ck.transpose(0, 3, 1, 2).astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([cv.transpose(0, 2, 1, 3).astype(v.dtype), v], axis=1)
-        k_pos = jnp.concatenate([c_pos, q_pos], axis=1)
-    mask = attention_mask(q_pos, k_pos, window)
+    ks, vs, ps = [], [], []
+    for seg in segments:
+        ks.append(seg.k.transpose(0, 3, 1, 2).astype(k.dtype))
+        vs.append(_masked_values(seg.v, seg.pos, 2).transpose(0, 2, 1, 3).astype(v.dtype))
+        ps.append(seg.pos)
+    k = jnp.concatenate([*ks, k], axis=1)
+    v = jnp.concatenate([*vs, v], axis=1)
+    k_pos = jnp.concatenate([*ps, q_pos], axis=1)
+    mask = attention_mask(q_pos, k_pos, window, sinks)
     # A padding query (position -1) sees nothing; let it see its own column, so no row of the
     # fused kernel is wholly masked (cuDNN may give NaN there). Its output is never stored.
     own = jnp.eye(s, dtype=bool)[None] & (q_pos < 0)[:, :, None]
@@ -154,8 +186,10 @@ def _attend_one(
     q: Array,
     q_pos: Array,
     new: tuple[Array, Array],
-    cached: tuple[Array, Array, Array] | None,
+    segments: Sequence[Segment],
     window: int | None,
+    sinks: int,
+    q_sink: Array | None,
 ) -> Array:
     """`attend` for one query per row (decode): q [B, N, G, H], q_pos [B]; returns
     [B, N, G, H]. The token's own key is an elementwise product; the stored keys are two
@@ -164,28 +198,45 @@ def _attend_one(
     qf = q.astype(jnp.float32)
     k, v = new[0][:, 0, :, None, :], new[1][:, 0, :, None, :]  # [B, N, 1, H]
     s_new = jnp.where(q_pos[:, None, None] >= 0, jnp.sum(qf * k, axis=-1) * scale, _MASKED)
-    if cached is None:  # the row sees only itself (or, as padding, nothing: an average)
+    if not segments:  # the row sees only itself (or, as padding, nothing: an average)
         return jnp.broadcast_to(v, q.shape).astype(q.dtype)
-    ck, cv, k_pos = cached
     by_reduction = _decode_by_reduction()
-    if by_reduction:
-        s = jnp.sum(qf[..., None] * ck[:, :, None].astype(jnp.float32), axis=3)
-    else:
-        s = jnp.einsum("bngh,bnht->bngt", q, ck, preferred_element_type=jnp.float32)
-    mask = attention_mask(q_pos[:, None], k_pos, window)[:, :, None]  # [B, 1, 1, T]
-    s = jnp.where(mask, s * scale, _MASKED)
-    top = jnp.maximum(jnp.max(s, axis=-1), s_new)  # [B, N, G]
-    w = jnp.exp(s - top[..., None])
+    scores, values = [], []
+    for seg in segments:
+        if by_reduction:
+            s = jnp.sum(qf[..., None] * seg.k[:, :, None].astype(jnp.float32), axis=3)
+            if seg.sink_slots and q_sink is not None:
+                n = seg.sink_slots
+                qs = q_sink.astype(jnp.float32)[..., None]
+                head = jnp.sum(qs * seg.k[:, :, None, :, :n].astype(jnp.float32), axis=3)
+                s = jnp.concatenate([head, s[..., n:]], axis=-1)
+        else:
+            s = _segment_scores(q, q_sink, seg, "bngh,bnht->bngt")
+        mask = attention_mask(q_pos[:, None], seg.pos, window, sinks)[:, :, None]  # [B,1,1,T]
+        scores.append(jnp.where(mask, s * scale, _MASKED))
+        values.append(_masked_values(seg.v, seg.pos, 2))
+    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1) for s in scores])
+    top = jnp.maximum(top, s_new)  # [B, N, G]
     w_new = jnp.exp(s_new - top)
-    denom = jnp.sum(w, axis=-1) + w_new
-    if by_reduction:
-        o = jnp.sum(w[..., None] * cv[:, :, None].astype(jnp.float32), axis=3)
-    else:
-        o = jnp.einsum(
-            "bngt,bnth->bngh", w.astype(cv.dtype), cv, preferred_element_type=jnp.float32
-        )
-    o = (o + w_new[..., None] * v.astype(jnp.float32)) / denom[..., None]
-    return o.astype(q.dtype)
+    denom = w_new
+    o = w_new[..., None] * v.astype(jnp.float32)
+    for s, cv in zip(scores, values, strict=True):
+        w = jnp.exp(s - top[..., None])
+        denom = denom + jnp.sum(w, axis=-1)
+        if by_reduction:
+            o = o + jnp.sum(w[..., None] * cv[:, :, None].astype(jnp.float32), axis=3)
+        else:
+            o = o + jnp.einsum(
+                "bngt,bnth->bngh", w.astype(cv.dtype), cv, preferred_element_type=jnp.float32
+            )
+    return (o / denom[..., None]).astype(q.dtype)
+
+
+def _narrower(a: int | None, b: int | None) -> int | None:
+    """The smaller of two windows (None: no window)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return min(a, b)
 
 
 class Attention(nn.Module):
@@ -199,10 +250,10 @@ class Attention(nn.Module):
         self,
         x: Array,
         positions: Array,
-        kv: LayerKV | None = None,
+        kv: LayerCache | None = None,
         plan: WritePlan | None = None,
         span: int | None = None,
-    ) -> tuple[Array, LayerKV | None]:
+    ) -> tuple[Array, LayerCache | None]:
         cfg = self.config
         g, hd = cfg.q_per_kv, cfg.head_dim
         w = self.param("qkv", _init, (cfg.d_model, cfg.n_kv_heads, g + 2, hd), jnp.float32)
@@ -211,15 +262,19 @@ class Attention(nn.Module):
             bias = self.param("qkv_bias", nn.initializers.zeros, (cfg.n_kv_heads, g + 2, hd))
             h = h + bias.astype(x.dtype)
         q, k, v = h[:, :, :, :g], h[:, :, :, g], h[:, :, :, g + 1]
+        q_raw = q
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
             k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
-        cached = None  # the new tokens see each other (causally) and what is stored before
-        if kv is not None:
-            span = kv.capacity if span is None else span
-            if span > 0:
-                cached = (*kv.read(span), plan.cached_positions(span))
-        out = attend(q, positions, (k, v), cached, cfg.layer_window(self.layer))
+        window, sinks, q_sink, segments = cfg.layer_window(self.layer), 0, None, ()
+        if kv is not None:  # the new tokens see each other (causally) and what is stored
+            window = _narrower(window, kv.window)
+            sinks = kv.sinks
+            segments = kv.segments(plan, span)
+            if sinks and kv.sink_positions == "cache" and cfg.position == "rope":
+                in_cache = jnp.minimum(positions, sinks + window - 1)
+                q_sink = apply_rope(q_raw, in_cache, cfg.rope_theta, cfg.rope_scaling)
+        out = attend(q, positions, (k, v), segments, window, sinks, q_sink)
         if kv is not None:  # stored after attention read the cache: updated in place
             kv = kv.write(k, v, plan, after=out[:, :, :, 0])
         wo = self.param("o", _init, (cfg.n_kv_heads, g, hd, cfg.d_model), jnp.float32)

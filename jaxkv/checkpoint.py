@@ -7,8 +7,9 @@ and fuses where jaxkv's layout differs (q/k/v into one `qkv`, gate/up into one `
 checks every tensor's shape against the config. `save_pretrained` writes the same format, so a
 jaxkv model opens in transformers and comes back unchanged. Nothing here touches the network.
 
-Supported `model_type`s: llama, mistral, qwen2 (one code path: RMSNorm, RoPE, SwiGLU) and
-gpt2 (LayerNorm, learned positions, GELU, biases everywhere).
+Supported `model_type`s: llama, mistral, ministral, qwen2 (one code path: RMSNorm, RoPE,
+SwiGLU; per-layer sliding windows as transformers applies them) and gpt2 (LayerNorm, learned
+positions, GELU, biases everywhere).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.config import ModelConfig, RopeScaling
+from jaxkv.config import LAYER_TYPES, ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
-_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "gpt2")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # Buffers some checkpoints carry that hold no parameters.
 _IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
@@ -62,23 +62,83 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     raise CheckpointError(f"rope scaling type {kind!r} is not supported (only linear, llama3)")
 
 
-def _sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
-    layer_types = set(hf.get("layer_types") or [])
-    if len(layer_types) > 1:
+# Hugging Face's defaults where config.json leaves a field out (transformers' config classes).
+_HF_SLIDING_WINDOW = 4096  # MistralConfig, MinistralConfig, Qwen2Config
+_HF_MAX_WINDOW_LAYERS = 28  # Qwen2Config
+# transformers renames these legacy layer types when it reads a config (configuration_utils).
+_HF_LEGACY_LAYER_TYPES = {"attention": "full_attention"}
+
+
+def _hf_layer_types(hf: dict[str, Any]) -> list[str] | None:
+    """config.json's `layer_types`, checked: only jaxkv's two attention types, one per layer."""
+    raw = hf.get("layer_types")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+        raise CheckpointError(f"layer_types must be a list of strings, got {raw!r}")
+    types = [_HF_LEGACY_LAYER_TYPES.get(t, t) for t in raw]
+    bad = sorted(set(types) - set(LAYER_TYPES))
+    if bad:
         raise CheckpointError(
-            f"per-layer attention types {sorted(layer_types)} are not supported; jaxkv applies "
-            "one sliding window (or none) to every layer"
+            f"layer_types has {bad}, which jaxkv does not support (only {', '.join(LAYER_TYPES)})"
         )
-    if model_type == "mistral":
-        return hf.get("sliding_window")
-    if model_type == "qwen2" and hf.get("use_sliding_window"):
-        if hf.get("max_window_layers", 0) > 0 and layer_types != {"sliding_attention"}:
-            raise CheckpointError(
-                "qwen2 with use_sliding_window and max_window_layers > 0 windows only some "
-                "layers, which jaxkv does not support"
-            )
-        return hf.get("sliding_window")
-    return None
+    if len(types) != hf["num_hidden_layers"]:
+        raise CheckpointError(
+            f"layer_types has {len(types)} entries but num_hidden_layers={hf['num_hidden_layers']}"
+        )
+    return types
+
+
+def _windows_from_hf(
+    hf: dict[str, Any], model_type: str
+) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) for a llama-like config.json, with the layers that slide
+    exactly those transformers' model slides; layer_types is None when all layers are alike.
+
+    transformers (5.x) decides per family:
+    - llama: no layer slides (LlamaConfig has no window; a `layer_types` entry is ignored).
+    - mistral: every layer slides by `sliding_window` (default 4096; null: none). With a
+      `layer_types` list, AutoConfig reads the config as ministral instead (below).
+    - ministral: the layers `layer_types` marks "sliding_attention" (default: every layer if
+      `sliding_window` is set, else none).
+    - qwen2: `sliding_window` only counts with `use_sliding_window` (else it is None); the
+      layers `layer_types` marks, defaulting to layers i >= `max_window_layers` (default 28)
+      when there is a window, else none.
+    A sliding layer attends to `sliding_window` keys, itself included (mask
+    key_pos > query_pos - sliding_window), as jaxkv does.
+    """
+    types = _hf_layer_types(hf)
+    n = hf["num_hidden_layers"]
+    if model_type == "llama":
+        return None, None
+    if model_type == "qwen2":
+        use = bool(hf.get("use_sliding_window", False))
+        window = hf.get("sliding_window", _HF_SLIDING_WINDOW) if use else None
+        if types is None:
+            first = hf.get("max_window_layers", _HF_MAX_WINDOW_LAYERS)
+            if window is not None and not isinstance(first, int):
+                raise CheckpointError(f"max_window_layers must be an int, got {first!r}")
+            types = [
+                "sliding_attention" if window is not None and i >= first else "full_attention"
+                for i in range(n)
+            ]
+    else:  # mistral, ministral
+        window = hf.get("sliding_window", _HF_SLIDING_WINDOW)
+        if types is None:
+            types = ["sliding_attention" if window is not None else "full_attention"] * n
+    if "sliding_attention" not in types:
+        return None, None
+    if window is None:
+        why = " (use_sliding_window is false)" if model_type == "qwen2" else ""
+        raise CheckpointError(
+            f"layer_types marks sliding_attention layers but {model_type} has no "
+            f"sliding_window{why}; transformers cannot build their mask either"
+        )
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise CheckpointError(f"sliding_window must be a positive int, got {window!r}")
+    if "full_attention" not in types:
+        return window, None
+    return window, tuple(types)
 
 
 def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
@@ -119,7 +179,9 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     if act != "silu":
         raise CheckpointError(f"{model_type} hidden_act {act!r} is not supported (only silu)")
     theta, scaling = _rope_from_hf(hf)
-    attention_bias = bool(hf.get("attention_bias", False))
+    # Only llama reads attention_bias / mlp_bias; mistral and ministral have no biases.
+    attention_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
+    sliding_window, layer_types = _windows_from_hf(hf, model_type)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -133,33 +195,47 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         qkv_bias=model_type == "qwen2" or attention_bias,
-        out_bias=model_type == "llama" and attention_bias,
+        out_bias=attention_bias,
         mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=_sliding_window(hf, model_type),
+        sliding_window=sliding_window,
+        layer_types=layer_types,
         dtype=dtype,
     )
 
 
 def hf_model_type(config: ModelConfig) -> str:
-    """The Hugging Face model_type that expresses `config`, or CheckpointError."""
+    """The Hugging Face model_type that expresses `config`, or CheckpointError.
+
+    Without a window: llama, or qwen2 for q/k/v biases alone. With one: mistral (no biases,
+    every layer slides), ministral (no biases, some layers slide), qwen2 (q/k/v biases alone,
+    any layers slide); no Hugging Face family has a window with output or MLP biases.
+    """
+    windows = {w for w in config.layer_windows if w is not None}
     if config.norm == "layer" or config.mlp == "gelu" or config.position == "learned":
         ok = (config.norm, config.mlp, config.position) == ("layer", "gelu", "learned") and (
             config.qkv_bias
             and config.out_bias
             and config.mlp_bias
             and config.n_kv_heads == config.n_heads
-            and config.sliding_window is None
+            and not windows
             and config.n_heads * config.head_dim == config.d_model
         )
         if not ok:
             raise CheckpointError(f"no Hugging Face model type expresses {config}")
         return "gpt2"
-    if config.sliding_window is not None:
+    qwen2_biases = config.qkv_bias and not config.out_bias and not config.mlp_bias
+    if windows:
+        if qwen2_biases:
+            return "qwen2"
         if config.qkv_bias or config.out_bias or config.mlp_bias:
-            raise CheckpointError("a sliding window with biases has no Hugging Face model type")
-        return "mistral"
-    if config.qkv_bias and not config.out_bias and not config.mlp_bias:
+            raise CheckpointError(
+                "a sliding window with output or MLP biases has no Hugging Face model type "
+                "(llama has the biases but no window; mistral and ministral have no biases; "
+                "qwen2 has q/k/v biases only)"
+            )
+        return "mistral" if None not in config.layer_windows else "ministral"
+    if qwen2_biases:
         return "qwen2"
     if config.qkv_bias != config.out_bias:
         raise CheckpointError("llama needs qkv_bias == out_bias (attention_bias)")
@@ -191,6 +267,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     arch = {
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
+        "ministral": "MinistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
     }[model_type]
     out = {
@@ -218,10 +295,25 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             )
     if model_type == "llama":
         out.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    windows = config.layer_windows
+    types = ["full_attention" if w is None else "sliding_attention" for w in windows]
+    window = next((w for w in windows if w is not None), None)
     if model_type == "mistral":
-        out["sliding_window"] = config.sliding_window
+        out["sliding_window"] = window
+    if model_type == "ministral":
+        out.update(sliding_window=window, layer_types=types)
     if model_type == "qwen2":
-        out.update(use_sliding_window=False, sliding_window=None)
+        if window is None:
+            out.update(use_sliding_window=False, sliding_window=None)
+        else:
+            # layer_types decides in transformers; max_window_layers (the full layers before
+            # the first sliding one) says the same wherever the full layers all come first.
+            out.update(
+                use_sliding_window=True,
+                sliding_window=window,
+                max_window_layers=types.index("sliding_attention"),
+                layer_types=types,
+            )
     return out
 
 

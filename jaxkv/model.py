@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxkv import checks
 from jaxkv.attention import Attention
-from jaxkv.cache import KVCache, LayerKV, WritePlan
+from jaxkv.cache import KVCache, LayerCache, WritePlan
 from jaxkv.config import ModelConfig
 from jaxkv.layers import Mlp, Norm
 
@@ -42,10 +42,10 @@ class Block(nn.Module):
         self,
         x: Array,
         positions: Array,
-        kv: LayerKV | None,
+        kv: LayerCache | None,
         plan: WritePlan | None,
         span: int | None,
-    ) -> tuple[Array, LayerKV | None]:
+    ) -> tuple[Array, LayerCache | None]:
         h, kv = Attention(self.config, self.layer, name="attn")(
             Norm(self.config, name="attn_norm")(x), positions, kv, plan, span
         )

@@ -123,23 +123,26 @@ def feed(
 
     # Writes of this block land below `base` + the columns fed so far (the block fits below
     # the span, which covers whatever the cache held before it).
+    # (Spans bound the dense layers only; a cache of rings reads its rings whole.)
     total = cache.capacity if span is None else span
     base = total - s
-    groups = PREFILL_GROUPS if n >= 2 * PREFILL_GROUPS else 1
+    groups = PREFILL_GROUPS if n >= 2 * PREFILL_GROUPS and cache.has_dense else 1
     bounds = [n * g // groups for g in range(groups + 1)]
     xs = (split(tokens), split(positions), jnp.arange(n, dtype=jnp.int32) * chunk)
     carry = (cache, jnp.zeros((b, config.vocab_size), jnp.float32))
     outs = []
     for lo, hi in itertools.pairwise(bounds):
         part = jax.tree.map(lambda x, lo=lo, hi=hi: x[lo:hi], xs)
-        carry, stacked = lax.scan(body_for(min(total, base + hi * chunk)), carry, part)
+        group_span = min(total, base + hi * chunk) if cache.has_dense else None
+        carry, stacked = lax.scan(body_for(group_span), carry, part)
         outs.append(stacked)
     cache, last = carry
     if logits_at is None:
         stacked = jnp.concatenate(outs, axis=0).swapaxes(0, 1).reshape(b, head, -1)
     if head < s:  # the remainder, narrower than a chunk
         at = None if logits_at is None else jnp.clip(logits_at - head, 0, s - head - 1)
-        rest, cache = run(cache, tokens[:, head:], positions[:, head:], at, total)
+        rest_span = total if cache.has_dense else None
+        rest, cache = run(cache, tokens[:, head:], positions[:, head:], at, rest_span)
         if logits_at is None:
             return jnp.concatenate([stacked, rest], axis=1), cache
         last = jnp.where((logits_at >= head)[:, None], rest[:, 0], last)

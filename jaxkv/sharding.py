@@ -154,20 +154,18 @@ def cache_specs(rules: Rules) -> dict[str, P]:
 
 
 def constrain_cache(cache: Any, rules: Rules | None) -> Any:
-    """The cache with its sharding pinned (inside jit), so no step reshards it."""
+    """The cache with its sharding pinned (inside jit), so no step reshards it. Every kind
+    follows one rule by rank: K/V buffers ([B, N, ...], rank 4) split rows and KV heads,
+    position tables ([B, T]) and lengths split rows, scalars are replicated."""
     if rules is None:
         return cache
-    from jaxkv.cache import KVCache, LayerKV
-
     s = cache_specs(rules)
-    c = jax.lax.with_sharding_constraint
-    kv = rules.named(s["kv"])
-    return KVCache(
-        layers=tuple(LayerKV(k=c(layer.k, kv), v=c(layer.v, kv)) for layer in cache.layers),
-        positions=c(cache.positions, rules.named(s["positions"])),
-        lengths=c(cache.lengths, rules.named(s["lengths"])),
-        index=c(cache.index, rules.named(s["index"])),
-    )
+    by_rank = {4: s["kv"], 2: s["positions"], 1: s["lengths"], 0: s["index"]}
+
+    def pin(x: Any) -> Any:
+        return jax.lax.with_sharding_constraint(x, rules.named(by_rank[x.ndim]))
+
+    return jax.tree.map(pin, cache)
 
 
 def constrain_rows(x: Any, rules: Rules | None) -> Any:

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 import jaxkv
-from jaxkv.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from jaxkv.checkpoint import (
+    CheckpointError,
+    config_from_hf,
+    config_to_hf,
+    load_pretrained,
+    save_pretrained,
+)
 
 torch = pytest.importorskip("torch", reason="parity tests need torch (in the test extra)")
 transformers = pytest.importorskip("transformers")
@@ -171,6 +177,258 @@ def test_jaxkv_model_saves_as_llama_and_matches_in_transformers(tmp_path):
     assert np.abs(ours - _hf_logits(model, seq)).max() < 1e-4
 
 
+# --------------------------------------------------------------------------- per-layer windows
+
+FULL, SLIDE = "full_attention", "sliding_attention"
+WINDOW = 5
+WINDOW_SEQ_LEN = 16  # over 3 windows: every sliding layer drops keys
+THREE_LAYERS = {**LLAMA_LIKE, "num_hidden_layers": 3}
+# (transformers config, config.json entries to change after saving, the windows per layer that
+# transformers applies). Each windowed layer's attention changes the logits (checked below).
+WINDOWED = {
+    # Qwen2: with use_sliding_window, layers i >= max_window_layers slide.
+    "qwen2-max-window-layers": (
+        lambda: transformers.Qwen2Config(
+            **THREE_LAYERS, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
+        ),
+        {},
+        (None, WINDOW, WINDOW),
+    ),
+    "qwen2-max-window-layers-0": (
+        lambda: transformers.Qwen2Config(
+            **THREE_LAYERS, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0
+        ),
+        {},
+        (WINDOW,) * 3,
+    ),
+    # An explicit layer_types list wins over max_window_layers.
+    "qwen2-layer-types": (
+        lambda: transformers.Qwen2Config(
+            **THREE_LAYERS,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+            layer_types=[SLIDE, FULL, SLIDE],
+        ),
+        {},
+        (WINDOW, None, WINDOW),
+    ),
+    # transformers reads the legacy name "attention" as full_attention.
+    "qwen2-legacy-attention-name": (
+        lambda: transformers.Qwen2Config(
+            **THREE_LAYERS, use_sliding_window=True, sliding_window=WINDOW
+        ),
+        {"layer_types": ["attention", SLIDE, "attention"]},
+        (None, WINDOW, None),
+    ),
+    "ministral-layer-types": (
+        lambda: transformers.MinistralConfig(
+            **THREE_LAYERS, head_dim=16, sliding_window=WINDOW, layer_types=[FULL, SLIDE, FULL]
+        ),
+        {},
+        (None, WINDOW, None),
+    ),
+    # AutoConfig reads a mistral config.json with layer_types as ministral.
+    "mistral-with-layer-types": (
+        lambda: transformers.MistralConfig(**THREE_LAYERS, sliding_window=WINDOW),
+        {"layer_types": [SLIDE, SLIDE, FULL]},
+        (WINDOW, WINDOW, None),
+    ),
+    # LlamaModel has no window: it ignores layer_types and sliding_window.
+    "llama-ignores-layer-types": (
+        lambda: transformers.LlamaConfig(**THREE_LAYERS),
+        {"layer_types": [SLIDE, FULL, SLIDE], "sliding_window": WINDOW},
+        (None, None, None),
+    ),
+}
+
+
+def _window_prompts():
+    rng = np.random.default_rng(2)
+    return [rng.integers(0, VOCAB, size=WINDOW_SEQ_LEN).tolist() for _ in range(2)]
+
+
+@pytest.fixture(scope="module", params=sorted(WINDOWED))
+def windowed(request, tmp_path_factory):
+    """(name, hf_model, checkpoint dir, expected windows) for one per-layer window case; the
+    model is the one transformers opens from the (edited) directory."""
+    make, edits, windows = WINDOWED[request.param]
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(request.param)
+    transformers.AutoModelForCausalLM.from_config(make()).save_pretrained(path)
+    if edits:
+        hf = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**hf, **edits}))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager"
+    ).eval()
+    return request.param, model, path, windows
+
+
+def test_per_layer_windows_match_transformers(windowed):
+    name, model, path, windows = windowed
+    config, params = load_pretrained(path, dtype=jnp.float32)
+    assert config.layer_windows == windows, name
+    alike = len(set(windows)) == 1
+    assert (config.layer_types is None) == alike, name  # uniform layers: the simplest config
+    for seq in _window_prompts():
+        ref = _hf_logits(model, seq)
+        got = np.asarray(jaxkv.forward(params, config, [seq]))[0]
+        assert np.abs(got - ref).max() < 1e-4, name
+        if set(windows) != {None}:  # the windows matter: without them the logits differ
+            unwindowed = config.replace(sliding_window=None, layer_types=None)
+            plain = np.asarray(jaxkv.forward(params, unwindowed, [seq]))[0]
+            assert np.abs(plain - ref).max() > 0.1, name
+
+
+def test_per_layer_windows_save_and_open_in_transformers(windowed, tmp_path):
+    name, model, path, _ = windowed
+    config, params = load_pretrained(path, dtype=jnp.float32)
+    out = save_pretrained(params, config, tmp_path / "saved")
+    config2, params2 = load_pretrained(out)
+    assert config2 == config, name
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        out, attn_implementation="eager"
+    ).eval()
+    seq = _window_prompts()[0]
+    np.testing.assert_array_equal(_hf_logits(reloaded, seq), _hf_logits(model, seq))
+
+
+@pytest.mark.parametrize(
+    "qkv_bias,layer_types,model_type",
+    [
+        (False, (SLIDE, FULL, SLIDE), "ministral"),
+        (False, None, "mistral"),
+        (True, (FULL, SLIDE, SLIDE), "qwen2"),
+        (True, (SLIDE, FULL, SLIDE), "qwen2"),
+        (True, None, "qwen2"),
+    ],
+)
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_jaxkv_windowed_model_opens_in_transformers(
+    qkv_bias, layer_types, model_type, attn_implementation, tmp_path
+):
+    cfg = jaxkv.ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=48,
+        max_seq_len=64,
+        qkv_bias=qkv_bias,
+        sliding_window=4,
+        layer_types=layer_types,
+    )
+    params = jaxkv.init_params(cfg, jax.random.key(0))
+    params = jax.tree.map(lambda p: p * 5, params)  # larger weights: peaked logits
+    save_pretrained(params, cfg, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["model_type"] == model_type
+    if model_type == "qwen2":
+        types = list(layer_types or [SLIDE] * 3)
+        assert hf["use_sliding_window"] and hf["layer_types"] == types
+        assert hf["max_window_layers"] == types.index(SLIDE)
+    assert load_pretrained(tmp_path)[0] == cfg
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation=attn_implementation
+    ).eval()
+    seq = [int(t) for t in np.random.default_rng(3).integers(0, 50, size=WINDOW_SEQ_LEN)]
+    ours = np.asarray(jaxkv.forward(params, cfg, [seq]))[0]
+    assert np.abs(ours - _hf_logits(model, seq)).max() < 1e-4
+
+
+def _qwen2_json(**changes):
+    """A tiny qwen2 config.json dict (no weights needed to read a config)."""
+    hf = transformers.Qwen2Config(**THREE_LAYERS).to_dict()
+    hf.pop("layer_types", None)  # as in configs written before transformers had the field
+    return {**hf, **changes}
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (
+            dict(layer_types=[FULL, "chunked_attention", SLIDE], use_sliding_window=True),
+            r"layer_types has \['chunked_attention'\], which jaxkv does not support",
+        ),
+        (dict(layer_types=[FULL, SLIDE], use_sliding_window=True), "2 entries but num_hidden"),
+        (dict(layer_types="full_attention"), "must be a list of strings"),
+        (
+            dict(layer_types=[FULL, SLIDE, SLIDE], use_sliding_window=False),
+            r"no sliding_window \(use_sliding_window is false\)",
+        ),
+        (
+            dict(layer_types=[FULL, SLIDE, SLIDE], use_sliding_window=True, sliding_window=0),
+            "sliding_window must be a positive int, got 0",
+        ),
+    ],
+)
+def test_bad_layer_types_in_config_json(changes, match):
+    with pytest.raises(CheckpointError, match=match):
+        config_from_hf(_qwen2_json(**changes))
+
+
+def test_unknown_layer_type_in_checkpoint_dir(llama_dir, tmp_path):
+    path = _copy(llama_dir, tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["layer_types"] = ["chunked_attention", FULL]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="chunked_attention"):
+        load_pretrained(path)
+
+
+def test_qwen2_window_fields_without_a_window_load_as_full_attention():
+    # Qwen2.5's own configs: a sliding_window and max_window_layers, use_sliding_window off.
+    for changes in (
+        dict(use_sliding_window=False, sliding_window=32768, max_window_layers=2),
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=3),
+        dict(use_sliding_window=True, sliding_window=None, max_window_layers=0),
+        dict(layer_types=[FULL] * 3, use_sliding_window=True, sliding_window=WINDOW),
+    ):
+        cfg = config_from_hf(_qwen2_json(**changes))
+        assert (cfg.sliding_window, cfg.layer_types) == (None, None), changes
+
+
+def test_windowed_configs_round_trip_through_hf_dicts():
+    base = jaxkv.ModelConfig(
+        vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48
+    )
+    for changes in (
+        dict(sliding_window=7),
+        dict(sliding_window=7, layer_types=(FULL, FULL, SLIDE)),
+        dict(sliding_window=7, layer_types=(SLIDE, FULL, FULL), qkv_bias=True),
+        dict(sliding_window=7, qkv_bias=True),
+        dict(qkv_bias=True),
+    ):
+        cfg = base.replace(**changes)
+        assert config_from_hf(config_to_hf(cfg)) == cfg, changes
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(qkv_bias=True, out_bias=True),
+        dict(mlp_bias=True),
+        dict(qkv_bias=True, mlp_bias=True),
+    ],
+)
+def test_window_with_output_or_mlp_biases_has_no_hf_type(changes):
+    cfg = jaxkv.ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        ffn_dim=48,
+        sliding_window=4,
+        layer_types=(FULL, SLIDE),
+        **changes,
+    )
+    with pytest.raises(CheckpointError, match="sliding window with output or MLP biases"):
+        config_to_hf(cfg)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -208,7 +466,8 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
     cfg["model_type"] = "falcon"
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        CheckpointError, match="'falcon' is not supported; supported: llama, mistral, qwen2, gpt2"
+        CheckpointError,
+        match="'falcon' is not supported; supported: llama, mistral, ministral, qwen2, gpt2",
     ):
         load_pretrained(path)
 

@@ -21,17 +21,28 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxkv.cache import (
-    _K_FROM_PROJECTION,
-    _K_SLOT_AXIS,
-    _V_FROM_PROJECTION,
-    _V_SLOT_AXIS,
-    KVCache,
-    LayerKV,
-    WritePlan,
-    _after,
-    _write_slots,
-)
+from jaxkv.cache import KVCache, LayerKV, Segment, WritePlan
+from jaxkv.cache.base import K_FROM_PROJECTION as _K_FROM_PROJECTION
+from jaxkv.cache.base import K_SLOT_AXIS as _K_SLOT_AXIS
+from jaxkv.cache.base import V_FROM_PROJECTION as _V_FROM_PROJECTION
+from jaxkv.cache.base import V_SLOT_AXIS as _V_SLOT_AXIS
+from jaxkv.cache.base import ordered_after as _after
+from jaxkv.cache.base import write_slots as _write_slots
+
+
+class _DenseMask:
+    """What attention asks of a dense layer kind: no window of its own, no sinks, and the
+    first `span` slots as one segment."""
+
+    window = None
+    sinks = 0
+    sink_positions = "original"
+
+    def segments(self, plan: WritePlan, span: int | None) -> tuple[Segment, ...]:
+        span = self.capacity if span is None else span
+        if span == 0:
+            return ()
+        return (Segment(*self.read(span), plan.cached_positions(span)),)
 from jaxkv.config import ModelConfig
 from jaxkv.layers import Norm
 from jaxkv.model import Block, Params
@@ -39,7 +50,7 @@ from jaxkv.model import Block, Params
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StackedLayerKV:
+class StackedLayerKV(_DenseMask):
     """Layer `layer` of K/V buffers stacked over layers: [L, *LayerKV's layout]."""
 
     k: jax.Array
@@ -81,7 +92,7 @@ class StackedLayerKV:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class TokenMajorLayerKV:
+class TokenMajorLayerKV(_DenseMask):
     """One layer's K and V stored token-major: [B, capacity, n_kv_heads, head_dim] each."""
 
     k: jax.Array

@@ -1,0 +1,31 @@
+"""The KV cache: one interface, several kinds (one small module each).
+
+- `base`: the write plan, the `Segment`s attention reads, the `LayerCache` protocol;
+- `dense`: one slot per token up to a capacity (`DenseLayer`);
+- `ring`: a sliding window with optional attention sinks in a fixed number of slots
+  (`RingLayer`);
+- `kinds`: what a user picks (`Dense()`, `Window(size, sinks=...)`) and how it resolves per
+  layer;
+- `kvcache`: the model's cache (`KVCache`): per-layer caches plus per-row lengths.
+"""
+
+from jaxkv.cache.base import LayerCache, Segment, WritePlan
+from jaxkv.cache.dense import DenseLayer, LayerKV
+from jaxkv.cache.kinds import Dense, Kind, Window, layer_kinds
+from jaxkv.cache.kvcache import KVCache, cache_memory_bytes
+from jaxkv.cache.ring import RingLayer
+
+__all__ = [
+    "Dense",
+    "DenseLayer",
+    "KVCache",
+    "Kind",
+    "LayerCache",
+    "LayerKV",
+    "RingLayer",
+    "Segment",
+    "Window",
+    "WritePlan",
+    "cache_memory_bytes",
+    "layer_kinds",
+]

@@ -1,0 +1,141 @@
+"""What every cache kind shares: the write plan, the segments attention reads, and the
+helpers that keep writes in place.
+
+A layer's cache answers three questions (the `LayerCache` protocol below):
+
+- `segments(plan, span)`: what attention may read before this step's write: one or more
+  `Segment`s of stored keys `[B, N, H, T]`, values `[B, N, T, H]` and their positions
+  `[B, T]` (-1: empty or stale). Attention combines every segment and the new tokens under
+  one softmax; it masks scores *and* values by position, so an empty, evicted or reused slot
+  may hold anything (even NaN) without reaching the output.
+- `write(k, v, plan, after)`: store the new tokens (`[B, S, N, H]`, as the projections make
+  them), ordered after `after` (the layer's attention output) so XLA updates the donated
+  buffers in place.
+- its mask: `window` (keys older than the last `window` positions are invisible; None: no
+  limit) and `sinks` (the first `sinks` positions of a row stay visible whatever the window),
+  with `sink_positions` saying how the query sees the sinks ("cache": at positions within the
+  cache, as StreamingLLM does; "original": at the original positions).
+
+In-place updates: a write that XLA can order after every read of the same buffer is done in
+place; one it cannot order makes XLA copy the whole buffer first (seen on CPU: two full copies
+per leaf per step). So each write takes `after`, an array computed from the reads, and its
+update is made to depend on it; attention never reads the buffer being written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+class Segment(NamedTuple):
+    """What attention reads from one part of a layer's cache.
+
+    k: [B, N, H, T]; v: [B, N, T, H]; pos: int32 [B, T], the position held in each slot (-1:
+    nothing). The first `sink_slots` slots hold attention sinks, which a query with
+    cache-relative sink positions scores at its own position within the cache.
+    """
+
+    k: Array
+    v: Array
+    pos: Array
+    sink_slots: int = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class WritePlan:
+    """Where a write of S new tokens per row goes, shared by every layer of a step.
+
+    index: first dense slot written (int32 scalar; dense layers write slots
+        [index, index + S), shared by all rows).
+    valid: bool [B, S], which new tokens are stored (position >= 0 and the write fits).
+    positions: int32 [B, S], the new tokens' positions (-1: padding).
+    old_positions: int32 [B, capacity], the dense position table before the write.
+    """
+
+    index: Array
+    valid: Array
+    positions: Array
+    old_positions: Array
+
+    def cached_positions(self, span: int) -> Array:
+        """Positions held in the first `span` dense slots before this write (-1: empty)."""
+        return self.old_positions[:, :span]
+
+
+class LayerCache(Protocol):
+    """One layer's cache (a registered-dataclass pytree; its policy knobs are static)."""
+
+    window: int | None
+    sinks: int
+    sink_positions: str
+
+    @property
+    def slots(self) -> int: ...
+
+    def segments(self, plan: WritePlan, span: int | None) -> tuple[Segment, ...]: ...
+
+    def write(
+        self, k: Array, v: Array, plan: WritePlan, after: Array | None = None
+    ) -> LayerCache: ...
+
+    def reset(self) -> LayerCache: ...
+
+    def truncate(self, keep: Array) -> LayerCache: ...
+
+
+def ordered_after(new: Array, dep: Array | None) -> Array:
+    """`new`, made to depend on `dep` (an array of new's shape) without changing its value:
+    elementwise, so sharded arrays need no communication. (A NaN or inf in `dep` makes the
+    result NaN or -1, but then the computation is lost anyway.)"""
+    if dep is None:
+        return new
+    if jnp.issubdtype(new.dtype, jnp.integer):
+        return jnp.where(dep.astype(jnp.float32) <= jnp.inf, new, -1).astype(new.dtype)
+    return new + (dep * 0).astype(new.dtype)
+
+
+def write_slots(
+    buf: Array, new: Array, index: Array, valid: Array, axis: int, dep: Array | None = None
+) -> Array:
+    """Write `new` into `buf` at slots [index, index + S) of `axis` (new has S there, buf has
+    the capacity; both have the batch first), keeping the old contents where `valid` ([B, S])
+    is False, after `dep` (shaped like `new`) is computed."""
+    s = new.shape[axis]
+    old = lax.dynamic_slice_in_dim(buf, index, s, axis=axis)
+    shape = [1] * new.ndim
+    shape[0], shape[axis] = valid.shape
+    update = jnp.where(valid.reshape(shape), ordered_after(new.astype(buf.dtype), dep), old)
+    return lax.dynamic_update_slice_in_dim(buf, update, index, axis=axis)
+
+
+def scatter_slots(buf: Array, new: Array, slots: Array, axis: int, dep: Array | None) -> Array:
+    """Write row b's new token s ([B, S, N, H], as projected) into slot slots[b, s] of `axis`
+    of `buf` ([B, N, H, T] with axis 3, or [B, N, T, H] with axis 2), after `dep`. A slot
+    >= the buffer's size is not written (the caller marks dropped tokens that way), and the
+    valid slots of a row must be distinct (duplicate scatter indices write in undefined order)."""
+    rows = jnp.arange(buf.shape[0])[:, None]
+    value = ordered_after(new.astype(buf.dtype), dep)
+    index = (rows, slice(None), slice(None), slots) if axis == 3 else (rows, slice(None), slots)
+    return buf.at[index].set(value, mode="drop")
+
+
+def kv_zeros(batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype: Any) -> tuple:
+    """Zeroed k [B, N, H, slots] and v [B, N, slots, H]."""
+    return (
+        jnp.zeros((batch, n_kv_heads, head_dim, slots), dtype),
+        jnp.zeros((batch, n_kv_heads, slots, head_dim), dtype),
+    )
+
+
+# Where the slots are in each leaf, and how a [B, S, n_kv_heads, head_dim] projection output is
+# transposed into it.
+K_SLOT_AXIS, K_FROM_PROJECTION = 3, (0, 2, 3, 1)  # [B, N, H, C]
+V_SLOT_AXIS, V_FROM_PROJECTION = 2, (0, 2, 1, 3)  # [B, N, C, H]

@@ -1,0 +1,93 @@
+"""Cache kinds as a user picks them: `Dense()` and `Window(size, sinks=...)`, resolved into
+one layer kind per layer of a model.
+
+By default (`kinds=None`) each layer gets what its attention needs: a full-attention layer a
+dense cache of `capacity` slots, a sliding-window layer (`ModelConfig.sliding_window` /
+`layer_types`) a ring of `sliding_window` slots, or a dense cache when the capacity is no
+larger than the window (then it holds everything the window could see, in fewer slots).
+`Window` on every layer bounds the whole cache (a long chat or rollout in constant memory);
+a sequence of kinds, one per layer, mixes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from jaxkv.cache.ring import SINK_POSITIONS
+from jaxkv.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """One slot per token, up to the cache's capacity."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A ring of the last `size` tokens (queries see `size` positions, themselves included),
+    behind `sinks` attention sinks (each row's first tokens, kept forever). `positions`:
+    "cache" scores the sinks at positions within the cache (StreamingLLM), "original" at
+    the tokens' original positions."""
+
+    size: int
+    sinks: int = 0
+    positions: str = "cache"
+
+    def __post_init__(self) -> None:
+        for name in ("size", "sinks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Window.{name} must be an int, got {value!r}")
+        if self.size < 1:
+            raise ValueError(f"Window.size must be >= 1, got {self.size}")
+        if self.sinks < 0:
+            raise ValueError(f"Window.sinks must be >= 0, got {self.sinks}")
+        if self.positions not in SINK_POSITIONS:
+            raise ValueError(
+                f"Window.positions must be one of {SINK_POSITIONS}, got {self.positions!r}"
+            )
+
+
+Kind = Dense | Window
+
+
+def layer_kinds(
+    config: ModelConfig, kinds: Kind | Sequence[Kind] | None, capacity: int | None
+) -> tuple[Kind, ...]:
+    """One resolved kind per layer (see the module docstring). A layer's ring never exceeds
+    the model's own window on that layer: its mask is the smaller of the two."""
+    if kinds is None:
+        out = []
+        for w in config.layer_windows:
+            if w is None or (capacity is not None and capacity <= w):
+                out.append(Dense())
+            else:
+                out.append(Window(w))
+        return tuple(out)
+    if isinstance(kinds, (Dense, Window)):
+        kinds = (kinds,) * config.n_layers
+    kinds = tuple(kinds)
+    if len(kinds) != config.n_layers:
+        raise ValueError(f"got {len(kinds)} cache kinds for a model of {config.n_layers} layers")
+    out = []
+    for i, kind in enumerate(kinds):
+        if not isinstance(kind, (Dense, Window)):
+            raise TypeError(f"cache kind of layer {i} must be Dense or Window, got {kind!r}")
+        w = config.layer_window(i)
+        if isinstance(kind, Window) and w is not None and kind.size > w:
+            kind = dataclasses.replace(kind, size=w)
+        if isinstance(kind, Window) and kind.sinks and kind.positions == "cache":
+            if config.position != "rope":
+                raise ValueError(
+                    "attention sinks at cache positions need rotary positions; this model has "
+                    f"position={config.position!r}: use Window(..., positions='original')"
+                )
+        out.append(kind)
+    return tuple(out)
+
+
+def needs_capacity(kinds: tuple[Any, ...]) -> bool:
+    """Whether any layer is dense (then the cache has a capacity)."""
+    return any(isinstance(k, Dense) for k in kinds)
