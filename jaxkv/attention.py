@@ -115,7 +115,8 @@ def attend(
     Returns [B, S, N, G, H].
     """
     if q.shape[1] == 1:
-        return _attend_one(q[:, 0], q_pos[:, 0], new, segments, window, sinks, q_sink)[:, None]
+        qs = None if q_sink is None else q_sink[:, 0]
+        return _attend_one(q[:, 0], q_pos[:, 0], new, segments, window, sinks, qs)[:, None]
     impl = _fused_prefill(q.dtype) if q_sink is None else None
     if impl is not None:
         try:

@@ -1,81 +1,64 @@
-"""Prefill, decode_step and generation as compiled loops.
-
-    prompts ─prefill─▶ KVCache ─decode_step─▶ logits ─sample─▶ token
-                          ▲                        │
-                          └──── returned, donated ─┘   (lax.scan runs this N times)
+"""Generation from the host: validate in plain Python, lay out the batch, call a compiled
+program of jaxkv.loops.
 
 Batch layout: prompts are left-padded to the longest prompt P of the batch, so every row's last
-prompt token sits in column P - 1 and every decode step writes one shared cache slot (one
-`dynamic_update_slice` per leaf). The padded batch is then right-padded to a size bucket (a
-power of two, at least 16, at most the capacity), so a new prompt length in a seen bucket
-compiles nothing new. Padding has position -1: it is never stored as a valid slot and never
-attended to.
+prompt token sits in column P - 1 and every decode step writes one shared dense slot (one
+`dynamic_update_slice` per leaf; ring layers place tokens by position and ignore the padding).
+The padded batch is then right-padded to a size bucket (a power of two, at least 16, at most
+the capacity), so a new prompt length in a seen bucket compiles nothing new. Padding has
+position -1: it is never stored as a valid slot and never attended to.
 
-Attention span: a generation of N tokens from a bucket of S can only touch the first S + N
-slots, so the compiled loop attends over that many slots (rounded up to a multiple of
-`SPAN_ALIGN`, see `jaxkv.prefill.attention_span`), not over the whole capacity. Step cost
-follows the tokens, not the cache size.
+The cache: `cache=` picks its kinds (`Dense()`, `Window(size, sinks=...)`, one per layer, or
+None for what the model's layers need: see jaxkv.cache.kinds), or passes a `KVCache` to reuse:
+it is emptied inside the compiled program and its buffers are donated, so repeated generations
+of one shape allocate nothing.
 
 Prompts longer than `prefill_chunk` run through the model in chunks (`jaxkv.prefill.feed`),
 inside the same compiled program.
-
-Stopping: a row stops after it emits one of the EOS ids, or when the cache has no room for its
-next token. A stopped row emits `pad_id`, stores nothing and its cache rows stop changing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxkv import checks
-from jaxkv.cache import KVCache
+from jaxkv.cache import Kind, KVCache, layer_kinds
+from jaxkv.cache.kinds import needs_capacity
 from jaxkv.config import ModelConfig
-from jaxkv.model import Params, apply
-from jaxkv.prefill import (
-    PREFILL_CHUNK,
-    attention_span,
-    bucket_length,
-    check_chunk,
-    feed,
+from jaxkv.loops import (
+    DecodeState,
+    Loop,
+    decode_groups,
+    decode_step_jit,
+    generate_jit,
+    prefill_jit,
+    resume_jit,
+    start_jit,
 )
-from jaxkv.sampling import GREEDY, SamplingConfig, sample
-from jaxkv.sharding import (
-    Mesh,
-    Rules,
-    check_batch,
-    constrain_cache,
-    put_replicated,
-    put_rows,
-    replicate,
-    rules_for,
-)
+from jaxkv.model import Params
+from jaxkv.prefill import PREFILL_CHUNK, attention_span, bucket_length, check_chunk
+from jaxkv.sampling import GREEDY, SamplingConfig
+from jaxkv.sharding import Mesh, Rules, check_batch, put_replicated, put_rows, rules_for
 
 Array = jax.Array
+CacheArg = KVCache | Kind | Sequence[Kind] | None
+_NO_LIMIT = 1 << 62
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeState:
-    """The loop state of generation.
-
-    cache: the KV cache (holds everything before `tokens`).
-    tokens: int32 [B], each row's last emitted token, not yet written to the cache.
-    done: bool [B], rows that have stopped.
-    key: the PRNG key the next sampling step splits (greedy steps leave it as it is).
-    """
-
-    cache: KVCache
-    tokens: Array
-    done: Array
-    key: Array
+__all__ = [
+    "DecodeState",
+    "GenerationResult",
+    "decode_step",
+    "generate",
+    "generate_stream",
+    "prefill",
+    "resume",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,245 +71,6 @@ class GenerationResult:
     state: DecodeState
 
 
-# --------------------------------------------------------------------------- traced core
-
-
-def _prefill(
-    params: Params,
-    config: ModelConfig,
-    tokens: Array,
-    positions: Array,
-    capacity: int,
-    cache_dtype: Any,
-    chunk: int,
-    rules: Rules | None = None,
-) -> tuple[Array, KVCache]:
-    cache = constrain_cache(KVCache.init(config, tokens.shape[0], capacity, cache_dtype), rules)
-    last = jnp.max(positions)  # the longest row ends in column P - 1 == its last position
-    last_col = jnp.full((tokens.shape[0],), last, jnp.int32)
-    # In one piece, a fresh cache holds nothing to attend to (span 0): the prompt attends to
-    # itself. In chunks, each chunk also attends to the slots earlier chunks wrote.
-    s = tokens.shape[1]
-    span = 0 if s <= chunk else s
-    return feed(
-        params,
-        config,
-        cache,
-        tokens,
-        positions,
-        chunk=chunk,
-        span=span,
-        logits_at=last_col,
-        rules=rules,
-    )
-
-
-def _decode(
-    params: Params,
-    config: ModelConfig,
-    cache: KVCache,
-    tokens: Array,
-    active: Array,
-    span: int | None,
-    rules: Rules | None = None,
-) -> tuple[Array, KVCache]:
-    positions = jnp.where(active.astype(bool), cache.lengths, -1)[:, None]
-    tokens = tokens.astype(jnp.int32)[:, None]
-    logits, cache = apply(params, config, tokens, positions, cache, span=span)
-    return logits[:, 0], constrain_cache(cache, rules)
-
-
-def _split(key: Array, sampling: SamplingConfig) -> tuple[Array, Array]:
-    """(next key, key for this step's draw). Greedy steps draw nothing and keep the key (the
-    split is a handful of kernels per step on CPU)."""
-    if sampling.greedy:
-        return key, key
-    key, sub = jax.random.split(key)
-    return key, sub
-
-
-def _start(
-    logits: Array, cache: KVCache, key: Array, sampling: SamplingConfig, eos: Array
-) -> DecodeState:
-    key, sub = _split(key, sampling)
-    tokens = sample(logits, sub, sampling)
-    return DecodeState(cache=cache, tokens=tokens, done=jnp.isin(tokens, eos), key=key)
-
-
-def _step(
-    params: Params,
-    config: ModelConfig,
-    sampling: SamplingConfig,
-    span: int,
-    eos: Array,
-    pad_id: Array,
-    state: DecodeState,
-    allowed: Array | bool = True,
-    rules: Rules | None = None,
-) -> tuple[DecodeState, tuple[Array, Array]]:
-    """Feed each active row's pending token, sample the next. Returns the new state and
-    (emitted tokens [B], emitted mask [B])."""
-    active = ~state.done & allowed
-    logits, cache = _decode(params, config, state.cache, state.tokens, active, span, rules)
-    stored = cache.lengths > state.cache.lengths  # False where the cache had no room
-    key, sub = _split(state.key, sampling)
-    nxt = sample(logits, sub, sampling)
-    emitted = jnp.where(stored, nxt, pad_id)
-    done = state.done | (active & ~stored) | (stored & jnp.isin(nxt, eos))
-    new = DecodeState(cache=cache, tokens=jnp.where(stored, nxt, state.tokens), done=done, key=key)
-    return new, (emitted, stored)
-
-
-def _scan_steps(
-    params: Params,
-    state: DecodeState,
-    eos: Array,
-    pad_id: Array,
-    budget: Array | None,
-    *,
-    config: ModelConfig,
-    sampling: SamplingConfig,
-    n_steps: int,
-    span: int,
-    rules: Rules | None = None,
-) -> tuple[DecodeState, Array, Array, Array]:
-    """n_steps decode steps in one lax.scan; steps at or past `budget` do nothing. The
-    emitted tokens and masks come back whole on every device (the host reads them)."""
-
-    def body(st: DecodeState, i: Array) -> tuple[DecodeState, tuple[Array, Array]]:
-        allowed = True if budget is None else i < budget
-        return _step(params, config, sampling, span, eos, pad_id, st, allowed, rules)
-
-    state, (toks, ok) = lax.scan(body, state, jnp.arange(n_steps))
-    all_done = replicate(jnp.all(state.done), rules)
-    return state, replicate(toks.T, rules), replicate(ok.T, rules), all_done
-
-
-_STATIC = ("config", "sampling", "n_steps", "span", "rules")
-
-
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "capacity", "cache_dtype", "chunk"))
-def _generate_jit(
-    params: Params,
-    tokens: Array,
-    positions: Array,
-    key: Array,
-    eos: Array,
-    pad_id: Array,
-    *,
-    config: ModelConfig,
-    sampling: SamplingConfig,
-    n_steps: int,
-    span: int,
-    capacity: int,
-    cache_dtype: Any,
-    chunk: int,
-    rules: Rules | None = None,
-) -> tuple[Array, Array, DecodeState]:
-    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, chunk, rules)
-    state = _start(logits, cache, key, sampling, eos)
-    first = replicate(state.tokens, rules)
-    state, toks, ok, _ = _scan_steps(
-        params,
-        state,
-        eos,
-        pad_id,
-        None,
-        config=config,
-        sampling=sampling,
-        n_steps=n_steps,
-        span=span,
-        rules=rules,
-    )
-    out = jnp.concatenate([first[:, None], toks], axis=1)
-    lengths = 1 + jnp.sum(ok, axis=1, dtype=jnp.int32)
-    return out, lengths, state
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
-def _resume_jit(
-    params: Params,
-    state: DecodeState,
-    eos: Array,
-    pad_id: Array,
-    budget: Array | None,
-    *,
-    config: ModelConfig,
-    sampling: SamplingConfig,
-    n_steps: int,
-    span: int,
-    rules: Rules | None = None,
-) -> tuple[DecodeState, Array, Array, Array]:
-    return _scan_steps(
-        params,
-        state,
-        eos,
-        pad_id,
-        budget,
-        config=config,
-        sampling=sampling,
-        n_steps=n_steps,
-        span=span,
-        rules=rules,
-    )
-
-
-@functools.partial(
-    jax.jit, static_argnames=("config", "sampling", "capacity", "cache_dtype", "chunk", "rules")
-)
-def _start_jit(
-    params: Params,
-    tokens: Array,
-    positions: Array,
-    key: Array,
-    eos: Array,
-    *,
-    config: ModelConfig,
-    sampling: SamplingConfig,
-    capacity: int,
-    cache_dtype: Any,
-    chunk: int,
-    rules: Rules | None = None,
-) -> tuple[DecodeState, Array, Array]:
-    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, chunk, rules)
-    state = _start(logits, cache, key, sampling, eos)
-    return state, replicate(state.tokens, rules), replicate(jnp.all(state.done), rules)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "capacity", "cache_dtype", "chunk", "rules"))
-def _prefill_jit(
-    params: Params,
-    tokens: Array,
-    positions: Array,
-    *,
-    config: ModelConfig,
-    capacity: int,
-    cache_dtype: Any,
-    chunk: int,
-    rules: Rules | None = None,
-) -> tuple[Array, KVCache]:
-    logits, cache = _prefill(params, config, tokens, positions, capacity, cache_dtype, chunk, rules)
-    return replicate(logits, rules), cache
-
-
-@functools.partial(jax.jit, static_argnames=("config", "span", "rules"), donate_argnames=("cache",))
-def _decode_step_jit(
-    params: Params,
-    cache: KVCache,
-    tokens: Array,
-    active: Array,
-    *,
-    config: ModelConfig,
-    span: int | None,
-    rules: Rules | None = None,
-) -> tuple[Array, KVCache]:
-    logits, cache = _decode(params, config, cache, tokens, active, span, rules)
-    return replicate(logits, rules), cache
-
-
-# --------------------------------------------------------------------------- host side
-
-
 @dataclasses.dataclass(frozen=True)
 class _Batch:
     tokens: np.ndarray  # int32 [B, S]
@@ -334,9 +78,9 @@ class _Batch:
     longest: int  # P
 
 
-def _layout(rows: Sequence[np.ndarray], capacity: int, pad_id: int) -> _Batch:
+def _layout(rows: Sequence[np.ndarray], capacity: int | None, pad_id: int) -> _Batch:
     longest = max(len(r) for r in rows)
-    s = bucket_length(longest, capacity)
+    s = bucket_length(longest, capacity or _NO_LIMIT)
     tokens = np.full((len(rows), s), pad_id, np.int32)
     positions = np.full((len(rows), s), -1, np.int32)
     for b, row in enumerate(rows):
@@ -363,20 +107,51 @@ def _rules(config: ModelConfig, mesh: Mesh | None, batch: int) -> Rules | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where a generation's cache comes from: a given cache (reused) or a fresh one."""
+
+    cache: KVCache | None
+    capacity: int | None  # dense slots per row (None: no dense layer)
+    kinds: tuple[Kind, ...] | None
+
+
+def _cache_layout(
+    config: ModelConfig, cache: CacheArg, batch: int, capacity: int | None, default_cap: int
+) -> _Layout:
+    """Validate `cache=` and `capacity=`: a KVCache to reuse, or the kinds of a fresh one."""
+    if isinstance(cache, KVCache):
+        cache.check_compatible(config, batch)
+        if capacity is not None and capacity != cache.capacity:
+            raise ValueError(
+                f"capacity={capacity} was given with a cache of capacity {cache.capacity}; "
+                "give one or the other"
+            )
+        return _Layout(cache, cache.capacity if cache.has_dense else None, None)
+    if capacity is not None:
+        capacity = checks.check_capacity(capacity)
+    kinds = layer_kinds(config, cache, capacity if capacity is not None else default_cap)
+    if not needs_capacity(kinds):
+        return _Layout(None, None, kinds)
+    return _Layout(None, capacity if capacity is not None else default_cap, kinds)
+
+
+def _check_room(longest: int, max_new_tokens: int, layout: _Layout, config: ModelConfig) -> None:
+    checks.check_fits(longest, max_new_tokens, layout.capacity or _NO_LIMIT, config)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Request:
-    """A validated generation request: device inputs and the static shape decisions."""
+    """A validated generation request: device inputs, the static program and the cache."""
 
     tokens: Any
     positions: Any
     key: Any
     eos: Any
     pad_id: Any
-    capacity: int
-    span: int
-    sampling: SamplingConfig
+    cache: KVCache | None
+    loop: Loop
     max_new_tokens: int
-    chunk: int
-    rules: Rules | None
+    span: int | None  # the whole generation's reach (streams use one span throughout)
 
 
 def _loop_args(
@@ -391,6 +166,13 @@ def _loop_args(
     return max_new_tokens, sampling, eos, pad_id
 
 
+def _span(reach: int, capacity: int | None) -> int | None:
+    if capacity is None:
+        return None
+    span = attention_span(min(reach, capacity), capacity)
+    return None if span >= capacity else span
+
+
 def _request(
     config: ModelConfig,
     prompts: Any,
@@ -402,6 +184,8 @@ def _request(
     capacity: int | None,
     mesh: Mesh | None,
     prefill_chunk: int,
+    cache: CacheArg,
+    cache_dtype: Any,
 ) -> _Request:
     """Validate everything in plain Python, then lay out and place the inputs."""
     max_new_tokens, sampling, eos, pad_id = _loop_args(
@@ -410,24 +194,33 @@ def _request(
     chunk = check_chunk(prefill_chunk)
     rows = checks.token_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
-    if capacity is None:
-        capacity = bucket_length(longest, 1 << 62) + max_new_tokens
-    capacity = checks.check_capacity(capacity)
-    checks.check_fits(longest, max_new_tokens, capacity, config)
+    default_cap = bucket_length(longest, _NO_LIMIT) + max_new_tokens
+    layout = _cache_layout(config, cache, len(rows), capacity, default_cap)
+    _check_room(longest, max_new_tokens, layout, config)
     rules = _rules(config, mesh, len(rows))
-    batch = _layout(rows, capacity, pad_id)
+    batch = _layout(rows, layout.capacity, pad_id)
+    s = batch.tokens.shape[1]
+    dense = layout.capacity is not None
+    loop = Loop(
+        config=config,
+        sampling=sampling,
+        steps=decode_groups(s, max_new_tokens - 1, layout.capacity or 0, dense),
+        chunk=chunk,
+        capacity=layout.capacity,
+        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
+        kinds=layout.kinds,
+        rules=rules,
+    )
     return _Request(
         tokens=put_rows(batch.tokens, rules),
         positions=put_rows(batch.positions, rules),
         key=put_replicated(_key(key), rules),
         eos=put_replicated(eos, rules),
         pad_id=put_replicated(np.int32(pad_id), rules),
-        capacity=capacity,
-        span=attention_span(batch.tokens.shape[1] + max_new_tokens, capacity),
-        sampling=sampling,
+        cache=layout.cache,
+        loop=loop,
         max_new_tokens=max_new_tokens,
-        chunk=chunk,
-        rules=rules,
+        span=_span(s + max_new_tokens, layout.capacity),
     )
 
 
@@ -436,37 +229,51 @@ def prefill(
     config: ModelConfig,
     prompts: Any,
     *,
-    capacity: int,
+    capacity: int | None = None,
     pad_id: int = 0,
     cache_dtype: Any = None,
     mesh: Mesh | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    cache: CacheArg = None,
 ) -> tuple[Array, KVCache]:
-    """Run a batch of prompts of any lengths into a fresh cache of `capacity` slots per row.
+    """Run a batch of prompts of any lengths into a cache; returns the float32 logits of each
+    row's last prompt token, [B, vocab], and the cache.
 
-    Returns the float32 logits of each row's last prompt token, [B, vocab], and the cache.
+    cache: the kinds of a fresh cache (default: what the model's layers need) with `capacity`
+    slots per row on its dense layers, or a `KVCache` to reuse (emptied, donated).
     With `mesh` (params placed by `shard_params`), the cache is sharded as jaxkv.sharding says.
     Prompts longer than `prefill_chunk` tokens run in chunks of that many (peak memory follows
     the chunk, not the prompt).
     """
-    capacity = checks.check_capacity(capacity)
     chunk = check_chunk(prefill_chunk)
     pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
     rows = checks.token_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
-    if longest > capacity:
-        raise ValueError(f"prompt length {longest} exceeds the cache capacity {capacity}")
+    if capacity is None and not isinstance(cache, KVCache):
+        resolved = layer_kinds(config, cache, None)
+        if needs_capacity(resolved):
+            raise ValueError(
+                "prefill needs capacity= (slots per row) for a cache with dense layers"
+            )
+    layout = _cache_layout(config, cache, len(rows), capacity, capacity or 0)
+    if layout.capacity is not None and longest > layout.capacity:
+        raise ValueError(f"prompt length {longest} exceeds the cache capacity {layout.capacity}")
     rules = _rules(config, mesh, len(rows))
-    batch = _layout(rows, capacity, pad_id)
-    return _prefill_jit(
+    batch = _layout(rows, layout.capacity, pad_id)
+    loop = Loop(
+        config=config,
+        chunk=chunk,
+        capacity=layout.capacity,
+        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
+        kinds=layout.kinds,
+        rules=rules,
+    )
+    return prefill_jit(
         params,
         put_rows(batch.tokens, rules),
         put_rows(batch.positions, rules),
-        config=config,
-        capacity=capacity,
-        cache_dtype=cache_dtype,
-        chunk=chunk,
-        rules=rules,
+        layout.cache,
+        loop=loop,
     )
 
 
@@ -484,34 +291,42 @@ def decode_step(
 
     The cache's buffers are donated (updated in place): do not use `cache` after this call.
     A row with `active` False (default: all active), or with no room left in the cache, stores
-    nothing. `span` limits attention to the first `span` slots (a compile per distinct value);
-    it must cover the slot this step writes, which costs one device-to-host read to check.
+    nothing. `span` limits the dense layers' attention to their first `span` slots (a compile
+    per distinct value); it must cover the slot this step writes, which costs one
+    device-to-host read to check. Tokens are range-checked on the host (one read of a device
+    array).
     """
     cache.check_compatible(config)
-    shape, dtype = np.shape(tokens), getattr(tokens, "dtype", np.asarray(tokens).dtype)
-    if shape != (cache.batch_size,) or not np.issubdtype(dtype, np.integer):
+    arr = np.asarray(tokens)
+    if arr.shape != (cache.batch_size,) or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(
-            f"tokens must be int [{cache.batch_size}] (one per cache row), got {dtype} {shape}"
+            f"tokens must be int [{cache.batch_size}] (one per cache row), got {arr.dtype} "
+            f"{arr.shape}"
         )
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= config.vocab_size):
+        bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
     if active is None:
         active = np.ones((cache.batch_size,), bool)
     if np.shape(active) != (cache.batch_size,):
         raise ValueError(f"active must be bool [{cache.batch_size}], got {np.shape(active)}")
-    if span is not None:
+    if span is not None and cache.has_dense:
         index = int(cache.index)
-        if not index < span <= cache.capacity:
+        low = min(index + 1, cache.capacity)  # a full cache writes nothing: any span reads
+        if not low <= span <= cache.capacity:
             raise ValueError(
                 f"span {span} must cover the slot being written ({index}) and be at most the "
                 f"capacity {cache.capacity}"
             )
-        if span == cache.capacity:
-            span = None
+    if span is not None and (not cache.has_dense or span >= cache.capacity):
+        span = None  # rings read every slot; a span of the whole capacity is no span
     rules = _rules(config, mesh, cache.batch_size)
     if not isinstance(tokens, jax.Array):
-        tokens = put_rows(np.asarray(tokens), rules)
+        tokens = put_rows(arr.astype(np.int32), rules)
     if not isinstance(active, jax.Array):
         active = put_rows(np.asarray(active, bool), rules)
-    return _decode_step_jit(params, cache, tokens, active, config=config, span=span, rules=rules)
+    loop = Loop(config=config, span=span, rules=rules)
+    return decode_step_jit(params, cache, tokens, active, loop=loop)
 
 
 def generate(
@@ -528,11 +343,15 @@ def generate(
     cache_dtype: Any = None,
     mesh: Mesh | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    cache: CacheArg = None,
 ) -> GenerationResult:
-    """Prefill the prompts, then sample `max_new_tokens` per row in one compiled lax.scan.
+    """Prefill the prompts, then sample `max_new_tokens` per row in one compiled program.
 
     prompts: a sequence of token-id sequences (any lengths) or an int array [B, S].
-    capacity: cache slots per row (default: the prompt bucket + max_new_tokens).
+    capacity: dense slots per row (default: the prompt bucket + max_new_tokens).
+    cache: the kinds of the cache (e.g. `Window(256, sinks=4)` for every layer; default: what
+    the model's layers need), or a `KVCache` to reuse (emptied and donated: use the one in
+    the result's state afterwards).
     key: a PRNG key or an int seed; each sampling step splits it once.
     mesh: a ('data', 'model') mesh to run on, with params placed by `shard_params`.
     prefill_chunk: prompts longer than this run through the model in chunks of this many tokens.
@@ -548,22 +367,11 @@ def generate(
         capacity,
         mesh,
         prefill_chunk,
+        cache,
+        cache_dtype,
     )
-    tokens, lengths, state = _generate_jit(
-        params,
-        r.tokens,
-        r.positions,
-        r.key,
-        r.eos,
-        r.pad_id,
-        config=config,
-        sampling=r.sampling,
-        n_steps=r.max_new_tokens - 1,
-        span=r.span,
-        capacity=r.capacity,
-        cache_dtype=cache_dtype,
-        chunk=r.chunk,
-        rules=r.rules,
+    tokens, lengths, state = generate_jit(
+        params, r.tokens, r.positions, r.key, r.eos, r.pad_id, r.cache, loop=r.loop
     )
     return GenerationResult(tokens=tokens, lengths=lengths, state=state)
 
@@ -589,24 +397,28 @@ def resume(
     )
     cache = state.cache
     cache.check_compatible(config)
-    index = int(cache.index)
-    if index + max_new_tokens > cache.capacity:
+    room = cache.room()
+    if room is not None and room < max_new_tokens:
+        index = cache.capacity - room
         raise ValueError(
             f"cache holds {index} of {cache.capacity} slots; {max_new_tokens} more tokens "
             f"need {index + max_new_tokens}, over the capacity {cache.capacity}"
         )
     rules = _rules(config, mesh, cache.batch_size)
-    state, toks, ok, _ = _resume_jit(
+    first = 0 if room is None else cache.capacity - room
+    loop = Loop(
+        config=config,
+        sampling=sampling,
+        steps=decode_groups(first, max_new_tokens, cache.capacity, room is not None),
+        rules=rules,
+    )
+    state, toks, ok, _ = resume_jit(
         params,
         state,
         put_replicated(eos, rules),
         put_replicated(np.int32(pad_id), rules),
         None,
-        config=config,
-        sampling=sampling,
-        n_steps=max_new_tokens,
-        span=attention_span(index + max_new_tokens, cache.capacity),
-        rules=rules,
+        loop=loop,
     )
     return GenerationResult(tokens=toks, lengths=jnp.sum(ok, axis=1, dtype=jnp.int32), state=state)
 
@@ -626,6 +438,7 @@ def generate_stream(
     chunk_size: int = 16,
     mesh: Mesh | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    cache: CacheArg = None,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, but yields tokens as they are made: first the token from the prefill
     ([B, 1]), then chunks of up to `chunk_size` steps ([B, <= chunk_size], numpy). Stops as
@@ -644,40 +457,23 @@ def generate_stream(
         capacity,
         mesh,
         prefill_chunk,
+        cache,
+        cache_dtype,
     )
-    return _stream(params, config, r, cache_dtype, chunk_size)
+    return _stream(params, r, chunk_size)
 
 
-def _stream(
-    params: Params, config: ModelConfig, r: _Request, cache_dtype: Any, chunk_size: int
-) -> Iterator[np.ndarray]:
-    state, first, done = _start_jit(
-        params,
-        r.tokens,
-        r.positions,
-        r.key,
-        r.eos,
-        config=config,
-        sampling=r.sampling,
-        capacity=r.capacity,
-        cache_dtype=cache_dtype,
-        chunk=r.chunk,
-        rules=r.rules,
+def _stream(params: Params, r: _Request, chunk_size: int) -> Iterator[np.ndarray]:
+    state, first, done = start_jit(
+        params, r.tokens, r.positions, r.key, r.eos, r.cache, loop=r.loop
     )
     yield np.asarray(first)[:, None]
+    # One program for every chunk: a fixed number of steps over the generation's whole reach.
+    loop = dataclasses.replace(r.loop, steps=((chunk_size, r.span),))
     left = r.max_new_tokens - 1
     while left > 0 and not bool(done):
-        state, toks, _, done = _resume_jit(
-            params,
-            state,
-            r.eos,
-            r.pad_id,
-            put_replicated(np.int32(left), r.rules),
-            config=config,
-            sampling=r.sampling,
-            n_steps=chunk_size,
-            span=r.span,
-            rules=r.rules,
+        state, toks, _, done = resume_jit(
+            params, state, r.eos, r.pad_id, put_replicated(np.int32(left), r.loop.rules), loop=loop
         )
         n = min(left, chunk_size)
         left -= n

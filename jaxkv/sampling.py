@@ -2,7 +2,7 @@
 
 `sample(logits, key, config)` applies, in this order:
 
-1. temperature == 0: greedy argmax (nothing below applies);
+1. temperature 0 (or below GREEDY_BELOW): greedy argmax (nothing below applies);
 2. temperature: logits / temperature;
 3. top-k: keep the k largest logits;
 4. top-p (nucleus): keep the smallest set of tokens, in order of probability, whose
@@ -26,11 +26,16 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+GREEDY_BELOW = 1e-6
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to pick the next token. Hashable: it is a static argument of the compiled loop.
 
-    temperature: 0 for greedy, otherwise > 0.
+    temperature: 0 for greedy, otherwise > 0. A temperature below GREEDY_BELOW (1e-6) also
+        samples greedily: float32 logits divided by it overflow or, below float32's smallest
+        normal, divide by zero; its distribution is the argmax's anyway.
     top_k: None or 0 to disable, otherwise >= 1.
     top_p: in (0, 1]; 1 disables.
     min_p: in [0, 1); 0 disables.
@@ -62,7 +67,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 GREEDY = SamplingConfig(temperature=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import jax.numpy as jnp
@@ -199,3 +200,30 @@ def test_bad_config_values():
         jaxkv.ModelConfig(vocab_size=10, d_model=50, n_layers=1, n_heads=4, ffn_dim=8)
     with pytest.raises(ValueError, match="unknown preset"):
         jaxkv.preset("nope")
+
+
+def _layered(**changes):
+    base = dict(vocab_size=10, d_model=16, n_layers=3, n_heads=2, ffn_dim=8, sliding_window=4)
+    return jaxkv.ModelConfig(**{**base, **changes})
+
+
+def test_bad_layer_types():
+    full, slide = "full_attention", "sliding_attention"
+    with pytest.raises(ValueError, match="layer_types has 2 entries but n_layers=3"):
+        _layered(layer_types=(full, slide))
+    with pytest.raises(ValueError, match=r"layer_types has \['chunked_attention'\]; each must be"):
+        _layered(layer_types=(full, "chunked_attention", slide))
+    with pytest.raises(ValueError, match="sliding_attention layers but no sliding_window"):
+        _layered(layer_types=(full, slide, full), sliding_window=None)
+    _layered(layer_types=(full,) * 3, sliding_window=None)  # no sliding layer: no window needed
+
+
+def test_layer_types_config_round_trips_through_dict_and_json():
+    cfg = _layered(layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    assert cfg.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    assert cfg.layer_windows == (4, None, 4)
+    hash(cfg)  # a static jit argument: must stay hashable
+    assert jaxkv.ModelConfig.from_dict(cfg.to_dict()) == cfg
+    back = jaxkv.ModelConfig.from_dict(json.loads(cfg.to_json()))  # JSON gives a list
+    assert back == cfg and hash(back) == hash(cfg)
+    assert isinstance(back.layer_types, tuple)

@@ -217,10 +217,19 @@ class KVCache:
                         f"1 token back once a ring has evicted)"
                     )
 
+    def check_live(self) -> None:
+        """Raise ValueError if an earlier call consumed this cache (its buffers were donated)."""
+        for x in jax.tree.leaves(self):
+            if isinstance(x, jax.Array) and x.is_deleted():
+                raise ValueError(
+                    "this cache was donated to an earlier call (decode_step, extend, generate, "
+                    "resume ...) and its buffers now belong to the cache that call returned: "
+                    "use the returned cache"
+                )
+
     def check_compatible(self, config: ModelConfig, batch_size: int | None = None) -> None:
         """Raise ValueError if this cache cannot serve `config` (and `batch_size`)."""
-        if not isinstance(self, KVCache):
-            raise TypeError(f"expected a KVCache, got {type(self).__name__}")
+        self.check_live()
         if self.n_layers != config.n_layers:
             raise ValueError(
                 f"cache has {self.n_layers} layers but the config has n_layers={config.n_layers}"
