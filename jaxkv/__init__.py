@@ -1,12 +1,11 @@
 """jaxkv: fast autoregressive decoding in JAX/Flax around an explicit, immutable KV cache."""
 
-from jaxkv.cache import KVCache, LayerKV, WritePlan, cache_memory_bytes
+from jaxkv.cache import Dense, KVCache, LayerKV, Window, WritePlan, cache_memory_bytes
 from jaxkv.checkpoint import load_pretrained, save_pretrained
 from jaxkv.config import PRESETS, ModelConfig, preset
 from jaxkv.decode import (
     DecodeState,
     GenerationResult,
-    bucket_length,
     decode_step,
     generate,
     generate_stream,
@@ -14,7 +13,7 @@ from jaxkv.decode import (
     resume,
 )
 from jaxkv.model import Transformer, cast_params, forward, init_params
-from jaxkv.prefill import PREFILL_CHUNK, extend
+from jaxkv.prefill import PREFILL_CHUNK, bucket_length, extend
 from jaxkv.sampling import GREEDY, SamplingConfig, sample
 from jaxkv.sharding import make_mesh, shard_params
 from jaxkv.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -27,6 +26,7 @@ __all__ = [
     "PRESETS",
     "ByteTokenizer",
     "DecodeState",
+    "Dense",
     "GenerationResult",
     "KVCache",
     "LayerKV",
@@ -34,6 +34,7 @@ __all__ = [
     "SamplingConfig",
     "Tokenizer",
     "Transformer",
+    "Window",
     "WritePlan",
     "bucket_length",
     "cache_memory_bytes",

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxkv.cache import KVCache
 from jaxkv.config import ModelConfig
-from jaxkv.decode import DecodeState, _resume_jit, _split
+from jaxkv.loops import DecodeState, Loop, _split, resume_jit
 from jaxkv.model import Params
 from jaxkv.prefill import PREFILL_CHUNK, attention_span, check_chunk, extend
 from jaxkv.sampling import GREEDY, SamplingConfig, sample
@@ -218,18 +218,14 @@ class Conversation:
                 break
             n = min(self.chunk_size, room, max_new_tokens - emitted)
             try:
-                state, toks, ok, _ = _resume_jit(
-                    self.params,
-                    state,
-                    eos,
-                    jnp.int32(0),
-                    jnp.int32(n),
+                span = attention_span(int(state.cache.index) + self.chunk_size, self.capacity, True)
+                loop = Loop(
                     config=self.config,
                     sampling=self.sampling,
-                    n_steps=self.chunk_size,
-                    span=attention_span(
-                        int(state.cache.index) + self.chunk_size, self.capacity, True
-                    ),
+                    steps=((self.chunk_size, span),),
+                )
+                state, toks, ok, _ = resume_jit(
+                    self.params, state, eos, jnp.int32(0), jnp.int32(n), loop=loop
                 )
             except Exception:
                 self._reset()  # the state was donated to the failed call

@@ -50,6 +50,13 @@ def token_rows(prompts: Any, vocab_size: int) -> list[np.ndarray]:
         )
     if not isinstance(prompts, (Sequence, np.ndarray)) and not hasattr(prompts, "__array__"):
         raise TypeError(f"prompts must be a sequence of token sequences, got {type(prompts)}")
+    if len(prompts) and all(
+        isinstance(t, (numbers.Integral, np.integer)) and not isinstance(t, bool) for t in prompts
+    ):
+        raise ValueError(
+            f"prompts must be a batch of token sequences, got one flat sequence of "
+            f"{len(prompts)} ints; wrap a single prompt in a list: [[{prompts[0]}, ...]]"
+        )
     rows = [_as_int_row(row, i) for i, row in enumerate(prompts)]
     if not rows:
         raise ValueError("the batch is empty; give at least one prompt")

@@ -212,9 +212,10 @@ def extend(
         raise ValueError(
             f"extend got {len(rows)} rows of tokens for a cache of batch size {cache.batch_size}"
         )
-    index, lengths = int(cache.index), np.asarray(cache.lengths)
+    room, lengths = cache.room(), np.asarray(cache.lengths)
     longest = max(len(r) for r in rows)
-    if index + longest > cache.capacity:
+    index = 0 if room is None else cache.capacity - room
+    if room is not None and longest > room:
         raise ValueError(
             f"the cache holds {index} of {cache.capacity} slots; extending by {longest} tokens "
             f"needs {index + longest}, over the capacity {cache.capacity}"
@@ -225,7 +226,7 @@ def extend(
             raise ValueError(
                 f"extending reaches position {end - 1}, beyond max_seq_len {config.max_seq_len}"
             )
-    s = bucket_length(longest, cache.capacity - index)
+    s = bucket_length(longest, (1 << 62) if room is None else room)
     toks = np.full((len(rows), s), pad_id, np.int32)
     pos = np.full((len(rows), s), -1, np.int32)
     for b, row in enumerate(rows):
@@ -244,7 +245,9 @@ def extend(
         put_rows(last_col, rules),
         config=config,
         chunk=chunk,
-        span=_span_or_none(attention_span(index + s, cache.capacity, True), cache.capacity),
+        span=None
+        if room is None
+        else _span_or_none(attention_span(index + s, cache.capacity, True), cache.capacity),
         all_logits=logits == "all",
         rules=rules,
     )

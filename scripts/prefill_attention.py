@@ -19,7 +19,7 @@ import numpy as np
 import jaxkv
 from jaxkv import attention
 from jaxkv.bench.common import env_info
-from jaxkv.decode import _prefill_jit
+from jaxkv.loops import Loop, prefill_jit
 
 
 def main() -> None:
@@ -42,16 +42,15 @@ def main() -> None:
         for fused in (False, True):
             attention.FUSED_PREFILL = fused
             jax.clear_caches()
-            compiled = _prefill_jit.lower(
-                params, toks, pos, config=config, capacity=n, cache_dtype=None, chunk=args.chunk
-            ).compile()
+            loop = Loop(config=config, capacity=n, cache_dtype=None, chunk=args.chunk)
+            compiled = prefill_jit.lower(params, toks, pos, None, loop=loop).compile()
             fns[fused] = compiled
         best = {False: float("inf"), True: float("inf")}
         outs = {}
         for _ in range(args.repeats):
             for fused, fn in fns.items():
                 t = time.perf_counter()
-                outs[fused] = jax.block_until_ready(fn(params, toks, pos)[0])
+                outs[fused] = jax.block_until_ready(fn(params, toks, pos, None)[0])
                 best[fused] = min(best[fused], time.perf_counter() - t)
         diff = float(np.abs(np.asarray(outs[True]) - np.asarray(outs[False])).max())
         for fused, fn in fns.items():

@@ -17,7 +17,7 @@ import numpy as np
 
 import jaxkv
 from jaxkv.cache import KVCache
-from jaxkv.decode import _decode_step_jit
+from jaxkv.loops import Loop, decode_step_jit
 from jaxkv.model import Transformer
 from jaxkv.sharding import cache_specs, make_mesh, param_shardings, rules_for
 
@@ -75,7 +75,7 @@ def main() -> None:
     toks = jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=rows)
     active = jax.ShapeDtypeStruct((args.batch,), jnp.bool_, sharding=rows)
     hlo = (
-        _decode_step_jit.lower(params, cache, toks, active, config=config, span=None, rules=rules)
+        decode_step_jit.lower(params, cache, toks, active, loop=Loop(config=config, rules=rules))
         .compile()
         .as_text()
     )

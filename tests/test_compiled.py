@@ -11,7 +11,8 @@ import numpy as np
 from helpers import ATOL, random_prompts, tiny
 
 import jaxkv
-from jaxkv.decode import _decode_step_jit, _resume_jit, attention_span
+from jaxkv.loops import Loop, decode_step_jit, resume_jit
+from jaxkv.prefill import attention_span
 
 
 def _aliased_params(hlo_text: str) -> set[int]:
@@ -26,7 +27,7 @@ def test_decode_step_aliases_every_cache_leaf():
     cfg, params = tiny("test-gqa")
     cache = jaxkv.KVCache.init(cfg, 2, 64)
     args = (params, cache, jnp.zeros(2, jnp.int32), jnp.ones(2, bool))
-    text = _decode_step_jit.lower(*args, config=cfg, span=None).compile().as_text()
+    text = decode_step_jit.lower(*args, loop=Loop(config=cfg)).compile().as_text()
     n_params = len(jax.tree.leaves(params))
     cache_params = set(range(n_params, n_params + len(jax.tree.leaves(cache))))
     assert cache_params <= _aliased_params(text)
@@ -37,9 +38,8 @@ def test_scan_loop_aliases_every_state_leaf():
     res = jaxkv.generate(params, cfg, [[1, 2, 3], [4]], max_new_tokens=2, capacity=64)
     state = res.state
     eos, pad = np.zeros(0, np.int32), np.int32(0)
-    lowered = _resume_jit.lower(
-        params, state, eos, pad, None, config=cfg, sampling=jaxkv.GREEDY, n_steps=4, span=64
-    )
+    loop = Loop(config=cfg, sampling=jaxkv.GREEDY, steps=((4, 64),))
+    lowered = resume_jit.lower(params, state, eos, pad, None, loop=loop)
     text = lowered.compile().as_text()
     n_params = len(jax.tree.leaves(params))
     state_leaves = [x for x in jax.tree.leaves(state)]
@@ -113,8 +113,12 @@ def test_benchmark_layout_variants_compute_the_same_step(rng):
         np.testing.assert_allclose(cache.layers[0].v[1], ref_cache.layers[1].v, atol=1e-6)
         np.testing.assert_array_equal(cache.lengths, ref_cache.lengths)
     _, cache = jaxkv.prefill(params, cfg, prompts, capacity=64)
-    logits, cache = _decode_step_jit(
-        params, variants.token_major_cache(cache), tokens, jnp.ones(2, bool), config=cfg, span=64
+    logits, cache = decode_step_jit(
+        params,
+        variants.token_major_cache(cache),
+        tokens,
+        jnp.ones(2, bool),
+        loop=Loop(config=cfg, span=64),
     )
     np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=0)
     want = variants.token_major_cache(ref_cache)
@@ -131,24 +135,21 @@ def test_no_copy_of_the_cache_in_decode_step_or_scan():
     cfg, params = tiny("test-gqa")
     state = synthetic_state(cfg, 2, 16, 4096)
     step = (
-        _decode_step_jit.lower(
-            params, state.cache, state.tokens, jnp.ones(2, bool), config=cfg, span=128
+        decode_step_jit.lower(
+            params, state.cache, state.tokens, jnp.ones(2, bool), loop=Loop(config=cfg, span=128)
         )
         .compile()
         .as_text()
     )
     assert cache_sized_copies(step, 4096) == []
     loop = (
-        _resume_jit.lower(
+        resume_jit.lower(
             params,
             state,
             np.zeros(0, np.int32),
             np.int32(0),
             None,
-            config=cfg,
-            sampling=jaxkv.GREEDY,
-            n_steps=4,
-            span=128,
+            loop=Loop(config=cfg, sampling=jaxkv.GREEDY, steps=((4, 128),)),
         )
         .compile()
         .as_text()

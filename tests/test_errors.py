@@ -227,3 +227,84 @@ def test_layer_types_config_round_trips_through_dict_and_json():
     back = jaxkv.ModelConfig.from_dict(json.loads(cfg.to_json()))  # JSON gives a list
     assert back == cfg and hash(back) == hash(cfg)
     assert isinstance(back.layer_types, tuple)
+
+
+# --------------------------------------------------------------------------- issue 12 defects
+
+
+def test_decode_step_rejects_out_of_vocabulary_tokens():
+    cfg, params = tiny("test-gqa")
+    _, cache = jaxkv.prefill(params, cfg, [[1, 2], [3]], capacity=16)
+    for bad in ([cfg.vocab_size, 1], [-1, 1]):
+        with pytest.raises(ValueError, match=f"token id {bad[0]} is outside the vocabulary"):
+            jaxkv.decode_step(params, cfg, cache, np.array(bad, np.int32))
+    # Nothing was consumed: the cache still works.
+    logits, cache = jaxkv.decode_step(params, cfg, cache, np.array([1, 2], np.int32))
+    assert np.isfinite(np.asarray(logits)).all()
+    assert np.asarray(cache.lengths).tolist() == [3, 2]
+
+
+def test_flat_prompt_says_what_shape_is_expected():
+    cfg, params = tiny("test-gqa")
+    with pytest.raises(ValueError, match="wrap a single prompt in a list"):
+        jaxkv.generate(params, cfg, [1, 2, 3], max_new_tokens=2)
+
+
+def test_donated_cache_is_named_in_jaxkv_words():
+    cfg, params = tiny("test-gqa")
+    _, cache = jaxkv.prefill(params, cfg, [[1, 2]], capacity=16)
+    _, new = jaxkv.decode_step(params, cfg, cache, np.array([1], np.int32))
+    with pytest.raises(ValueError, match="donated to an earlier call"):
+        jaxkv.decode_step(params, cfg, cache, np.array([1], np.int32))
+    with pytest.raises(ValueError, match="donated"):
+        jaxkv.extend(params, cfg, cache, [[1]])
+    jaxkv.decode_step(params, cfg, new, np.array([1], np.int32))
+
+
+def test_tiny_temperature_is_greedy():
+    cfg, params = tiny("test-gqa")
+    assert jaxkv.SamplingConfig(temperature=1e-39).greedy
+    got = jaxkv.generate(
+        params, cfg, [[5, 6]], max_new_tokens=6, sampling=jaxkv.SamplingConfig(temperature=1e-39)
+    )
+    want = jaxkv.generate(params, cfg, [[5, 6]], max_new_tokens=6)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+def test_decode_step_span_on_a_full_cache_and_on_rings():
+    cfg, params = tiny("test-gqa")
+    _, cache = jaxkv.prefill(params, cfg, [[1, 2, 3, 4]], capacity=4)  # full
+    logits, cache = jaxkv.decode_step(params, cfg, cache, np.array([1], np.int32), span=4)
+    assert np.asarray(cache.lengths).tolist() == [4]  # no room: nothing stored, no error
+    with pytest.raises(ValueError, match="span 3 must cover"):
+        jaxkv.decode_step(params, cfg, cache, np.array([1], np.int32), span=3)
+    _, ring = jaxkv.prefill(params, cfg, [[1, 2, 3, 4]], cache=jaxkv.Window(4))
+    for _ in range(3):  # a ring always has room; span does not apply to it
+        _, ring = jaxkv.decode_step(params, cfg, ring, np.array([1], np.int32), span=4)
+    assert np.asarray(ring.lengths).tolist() == [7]
+
+
+def test_cache_kind_arguments_are_validated():
+    cfg, params = tiny("test-gqa")
+    with pytest.raises(ValueError, match="Window.size must be >= 1"):
+        jaxkv.Window(0)
+    with pytest.raises(ValueError, match="Window.positions must be one of"):
+        jaxkv.Window(4, sinks=1, positions="shifted")
+    with pytest.raises(ValueError, match="got 3 cache kinds for a model of 2 layers"):
+        jaxkv.KVCache.init(cfg, 1, 16, kinds=(jaxkv.Dense(),) * 3)
+    with pytest.raises(ValueError, match="needs a capacity"):
+        jaxkv.KVCache.init(cfg, 1)
+    with pytest.raises(ValueError, match="capacity=8 was given with a cache of capacity 16"):
+        jaxkv.generate(
+            params, cfg, [[1]], max_new_tokens=2, capacity=8, cache=jaxkv.KVCache.init(cfg, 1, 16)
+        )
+    with pytest.raises(ValueError, match="batch size 2"):
+        jaxkv.generate(params, cfg, [[1]], max_new_tokens=2, cache=jaxkv.KVCache.init(cfg, 2, 16))
+
+
+def test_ring_refuses_a_rollback_past_what_it_evicted():
+    cfg, params = tiny("test-gqa")
+    _, ring = jaxkv.prefill(params, cfg, [list(range(1, 10))], cache=jaxkv.Window(4))
+    ring.truncate(8)  # one token back: the ring still holds the window
+    with pytest.raises(ValueError, match="cannot roll back to 5 tokens"):
+        ring.truncate(5)

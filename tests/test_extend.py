@@ -9,7 +9,7 @@ import pytest
 from helpers import ATOL, count_compiles, reference_logits, tiny, tiny_cfg
 
 import jaxkv
-from jaxkv.decode import _prefill_jit
+from jaxkv.loops import Loop, prefill_jit
 from jaxkv.prefill import _extend_jit
 
 
@@ -95,9 +95,8 @@ def test_chunked_prefill_memory_follows_the_chunk():
     tok = np.zeros((1, 2048), np.int32)
 
     def temp_bytes(chunk):
-        compiled = _prefill_jit.lower(
-            params, tok, tok, config=cfg, capacity=2048, cache_dtype=None, chunk=chunk
-        ).compile()
+        loop = Loop(config=cfg, capacity=2048, cache_dtype=None, chunk=chunk)
+        compiled = prefill_jit.lower(params, tok, tok, None, loop=loop).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     whole, chunked = temp_bytes(4096), temp_bytes(128)

@@ -121,18 +121,15 @@ def test_row_reaching_capacity_is_marked_done_not_overwritten(rng):
         done=jnp.zeros(2, bool),
         key=jax.random.key(0),
     )
-    from jaxkv.decode import _resume_jit
+    from jaxkv.loops import Loop, resume_jit
 
-    state, toks, ok, _ = _resume_jit(
+    state, toks, ok, _ = resume_jit(
         params,
         state,
         jnp.zeros(0, jnp.int32),
         jnp.int32(0),
         None,
-        config=cfg,
-        sampling=jaxkv.GREEDY,
-        n_steps=2,
-        span=8,
+        loop=Loop(config=cfg, sampling=jaxkv.GREEDY, steps=((2, 8),)),
     )
     assert np.asarray(state.done).all()
     assert not np.asarray(ok).any()
@@ -230,7 +227,7 @@ def test_generate_compiles_once_per_bucket(rng):
 
 
 def test_decode_step_traced_once_per_generation(rng, monkeypatch):
-    from jaxkv import decode as gen
+    from jaxkv import loops as gen
 
     cfg, params = tiny_cfg(d_model=40, ffn_dim=72, seed=6)
     traces = []

@@ -18,7 +18,7 @@ import pytest
 from sharding_cases import CASES, params_for, prompts_for
 
 import jaxkv
-from jaxkv.decode import _decode_step_jit
+from jaxkv.loops import Loop, decode_step_jit
 from jaxkv.sharding import make_mesh, rules_for, shard_params
 
 MESHES = [(8, 1), (2, 4), (1, 8)]
@@ -126,7 +126,7 @@ def test_decode_step_never_moves_the_cache():
     tokens = jax.device_put(np.zeros(8, np.int32), rules.named(jax.sharding.PartitionSpec("data")))
     active = jax.device_put(np.ones(8, bool), rules.named(jax.sharding.PartitionSpec("data")))
     hlo = (
-        _decode_step_jit.lower(params, cache, tokens, active, config=config, span=None, rules=rules)
+        decode_step_jit.lower(params, cache, tokens, active, loop=Loop(config=config, rules=rules))
         .compile()
         .as_text()
     )

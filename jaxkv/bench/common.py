@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxkv.cache import KVCache
 from jaxkv.config import ModelConfig
-from jaxkv.decode import DecodeState, _decode_step_jit, _resume_jit
+from jaxkv.loops import DecodeState, Loop, decode_step_jit, resume_jit
 from jaxkv.model import Params, Transformer
 from jaxkv.sampling import GREEDY
 
@@ -191,17 +191,8 @@ def interleaved_scan_step_times(
     def run(make_state: Callable[[], DecodeState], span: int) -> float:
         state = make_state()
         t = time.perf_counter()
-        out = _resume_jit(
-            params,
-            state,
-            eos,
-            pad,
-            None,
-            config=config,
-            sampling=GREEDY,
-            n_steps=n_steps,
-            span=span,
-        )
+        loop = Loop(config=config, sampling=GREEDY, steps=((n_steps, span),))
+        out = resume_jit(params, state, eos, pad, None, loop=loop)
         jax.block_until_ready(out)
         return time.perf_counter() - t
 
@@ -231,7 +222,7 @@ def isolated_step_time(
     tokens, active = state.tokens, jnp.ones(state.tokens.shape, bool)
     span = None if span == state.cache.capacity else span
     return time_donating_steps(
-        lambda c: _decode_step_jit(params, c, tokens, active, config=config, span=span),
+        lambda c: decode_step_jit(params, c, tokens, active, loop=Loop(config=config, span=span)),
         state.cache,
         n_steps,
     )
@@ -315,9 +306,10 @@ def dot_attention_step_time(
     """Isolated step time with decode attention forced to dots (or, with by_reduction, to
     multiply-reduce), in a fresh jit traced with attention.DECODE_BY_REDUCTION set."""
     from jaxkv import attention
-    from jaxkv.decode import _decode
+    from jaxkv.loops import _decode
 
-    step = jax.jit(lambda p, c, t, a: _decode(p, config, c, t, a, span), donate_argnums=1)
+    loop = Loop(config=config)
+    step = jax.jit(lambda p, c, t, a: _decode(p, c, t, a, span, loop), donate_argnums=1)
     tokens, active = state.tokens, jnp.ones(state.tokens.shape, bool)
     attention.DECODE_BY_REDUCTION = by_reduction
     try:  # the first call traces the step with the forced form

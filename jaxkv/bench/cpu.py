@@ -30,15 +30,10 @@ from jaxkv.bench.common import (
 )
 from jaxkv.cache import cache_memory_bytes
 from jaxkv.config import ModelConfig, preset
-from jaxkv.decode import (
-    _decode_step_jit,
-    _prefill_jit,
-    attention_span,
-    bucket_length,
-    generate,
-)
+from jaxkv.decode import generate
+from jaxkv.loops import Loop, decode_step_jit, prefill_jit
 from jaxkv.model import Params, _forward
-from jaxkv.prefill import PREFILL_CHUNK
+from jaxkv.prefill import PREFILL_CHUNK, attention_span, bucket_length
 
 
 def _log(msg: str) -> None:
@@ -93,37 +88,19 @@ def cached_vs_uncached(
         s = bucket_length(prompt_len, 1 << 30)
         capacity = s + n
         tok = np.zeros((1, s), np.int32)
-        pre = compiled_flops(
-            _prefill_jit,
-            params,
-            tok,
-            tok,
-            config=config,
-            capacity=capacity,
-            cache_dtype=None,
-            chunk=PREFILL_CHUNK,
-        )
+        prefill_loop = Loop(config=config, capacity=capacity, cache_dtype=None, chunk=PREFILL_CHUNK)
+        pre = compiled_flops(prefill_jit, params, tok, tok, None, loop=prefill_loop)
         cache = jax.eval_shape(
-            functools.partial(
-                _prefill_jit,
-                config=config,
-                capacity=capacity,
-                cache_dtype=None,
-                chunk=PREFILL_CHUNK,
-            ),
-            params,
-            tok,
-            tok,
+            functools.partial(prefill_jit, loop=prefill_loop), params, tok, tok, None
         )[1]
         span = attention_span(s + n, capacity)
         step = compiled_flops(
-            _decode_step_jit,
+            decode_step_jit,
             params,
             cache,
             np.zeros(1, np.int32),
             np.ones(1, bool),
-            config=config,
-            span=None if span == capacity else span,
+            loop=Loop(config=config, span=None if span == capacity else span),
         )
         cached = pre + (n - 1) * step
         tokens_uncached = sum(prompt_len + t for t in range(n))
@@ -323,13 +300,12 @@ def weight_bandwidth(
     matrix_bytes = sum(w.size * w.dtype.itemsize for w in weight_matrices(params, config))
     state = make()
     mem = memory_analysis(
-        _decode_step_jit,
+        decode_step_jit,
         params,
         state.cache,
         state.tokens,
         jnp.ones((1,), bool),
-        config=config,
-        span=span,
+        loop=Loop(config=config, span=span),
     )
     return {
         "compiled_memory": mem,

@@ -29,7 +29,8 @@ from jaxkv.bench.common import (
 )
 from jaxkv.cache import cache_memory_bytes
 from jaxkv.config import ModelConfig, preset
-from jaxkv.decode import _decode_step_jit, attention_span
+from jaxkv.loops import Loop, decode_step_jit
+from jaxkv.prefill import attention_span
 
 
 def _log(msg: str) -> None:
@@ -43,8 +44,8 @@ def _isolated(
     the memory analysis and the count of cache-sized copies."""
     active = jnp.ones(state.tokens.shape, bool)
     span_arg = None if span == state.cache.capacity else span
-    compiled = _decode_step_jit.lower(
-        params, state.cache, state.tokens, active, config=config, span=span_arg
+    compiled = decode_step_jit.lower(
+        params, state.cache, state.tokens, active, loop=Loop(config=config, span=span_arg)
     ).compile()
     m = compiled.memory_analysis()
     mem = (

@@ -151,23 +151,17 @@ def tokens_per_s(path: str, params: Any, config: Any, tok: Any, n: int) -> dict[
 
 def long_prefill(params: Any, config: Any, ids: list[int], n: int, chunk: int) -> dict[str, Any]:
     """One prefill of n tokens in chunks: compiled ahead (timed apart), then run once."""
-    from jaxkv.decode import _layout, _prefill_jit
+    from jaxkv.decode import _layout
+    from jaxkv.loops import Loop, prefill_jit
 
     batch = _layout([np.asarray(ids[:n])], n, 0)
     t = time.perf_counter()
-    compiled = _prefill_jit.lower(
-        params,
-        batch.tokens,
-        batch.positions,
-        config=config,
-        capacity=n,
-        cache_dtype=None,
-        chunk=chunk,
-    ).compile()
+    loop = Loop(config=config, capacity=n, cache_dtype=None, chunk=chunk)
+    compiled = prefill_jit.lower(params, batch.tokens, batch.positions, None, loop=loop).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     t = time.perf_counter()
-    logits, cache = compiled(params, batch.tokens, batch.positions)
+    logits, cache = compiled(params, batch.tokens, batch.positions, None)
     jax.block_until_ready(logits)
     run = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -28,6 +28,9 @@ from jaxkv.cache.base import V_FROM_PROJECTION as _V_FROM_PROJECTION
 from jaxkv.cache.base import V_SLOT_AXIS as _V_SLOT_AXIS
 from jaxkv.cache.base import ordered_after as _after
 from jaxkv.cache.base import write_slots as _write_slots
+from jaxkv.config import ModelConfig
+from jaxkv.layers import Norm
+from jaxkv.model import Block, Params
 
 
 class _DenseMask:
@@ -43,9 +46,6 @@ class _DenseMask:
         if span == 0:
             return ()
         return (Segment(*self.read(span), plan.cached_positions(span)),)
-from jaxkv.config import ModelConfig
-from jaxkv.layers import Norm
-from jaxkv.model import Block, Params
 
 
 @jax.tree_util.register_dataclass
@@ -180,7 +180,7 @@ def layout_step_times(
 ) -> dict[str, float]:
     """Isolated seconds per decode step of the alternative layouts, batch 1."""
     from jaxkv.bench.common import isolated_step_time, synthetic_state, time_donating_steps
-    from jaxkv.decode import attention_span
+    from jaxkv.prefill import attention_span
 
     span = attention_span(position + n_steps, capacity)
     out = {}
