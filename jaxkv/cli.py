@@ -126,10 +126,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise UsageError(f"jaxkv generate: {e}") from None
+    kind = _cache_kind(args, "jaxkv generate")
     config, params, tokenizer, _ = _load(args.model, args.dtype)
     ids = tokenizer.encode(prompt)
     total = len(ids) + args.max_new_tokens
-    if config.position == "learned" and total > config.max_seq_len:
+    if config.position == "learned" and total > config.max_seq_len and kind is None:
         raise UsageError(
             f"jaxkv generate: prompt ({len(ids)} tokens) + --max-new-tokens "
             f"{args.max_new_tokens} exceeds the model's {config.max_seq_len}"
@@ -169,6 +170,7 @@ def _stream(
         pad_id=tokenizer.pad_id,
         key=args.seed,
         chunk_size=args.chunk_size,
+        cache=_cache_kind(args, "jaxkv generate"),
     )
     for chunk in stream:
         for row, toks in enumerate(chunk):
@@ -197,8 +199,23 @@ def _stream(
     return 0
 
 
+def _cache_kind(args: argparse.Namespace, command: str) -> Any:
+    """The cache kind the --window / --sinks / --sink-positions flags pick (None: the model's
+    own layers decide)."""
+    from jaxkv.cache import Window
+
+    if args.window is None:
+        if args.sinks:
+            raise UsageError(f"{command}: --sinks needs --window")
+        return None
+    try:
+        return Window(args.window, sinks=args.sinks, positions=args.sink_positions)
+    except ValueError as e:
+        raise UsageError(f"{command}: {e}") from None
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    from jaxkv.cache import cache_memory_bytes
+    from jaxkv.cache import KVCache, cache_memory_bytes
 
     config, params, tokenizer, model = _load(args.model, args.dtype)
     import jax
@@ -214,11 +231,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {key}: {value}")
     mib = n_params * jax.numpy.dtype(config.dtype).itemsize / 2**20
     print(f"parameters: {n_params:,} ({mib:.1f} MiB in {config.dtype})")
-    nbytes = cache_memory_bytes(config, args.batch_size, args.capacity)
+    kind = _cache_kind(args, "jaxkv info")
+    nbytes = cache_memory_bytes(config, args.batch_size, args.capacity, kinds=kind)
+    shapes = jax.eval_shape(
+        lambda: KVCache.init(config, args.batch_size, args.capacity, None, kind)
+    )
     print(
         f"KV cache for batch {args.batch_size} x capacity {args.capacity}: {nbytes:,} bytes "
-        f"({nbytes / 2**20:.2f} MiB)"
+        f"({nbytes / 2**20:.2f} MiB); layers: {shapes.describe()}"
     )
+    per_kind: dict[str, int] = {}
+    for layer in shapes.layers:
+        name = type(layer).__name__
+        size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layer))
+        per_kind[name] = per_kind.get(name, 0) + size
+    for name, size in per_kind.items():
+        print(f"  {name}: {size:,} bytes ({size / 2**20:.2f} MiB)")
     return 0
 
 
@@ -329,6 +357,24 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float
     p.add_argument("--seed", type=int, default=0)
 
 
+def _window_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--window",
+        type=_positive_int,
+        default=None,
+        help="bound the cache of every layer to a ring of the last WINDOW tokens",
+    )
+    p.add_argument(
+        "--sinks", type=int, default=0, help="with --window: keep each row's first SINKS tokens"
+    )
+    p.add_argument(
+        "--sink-positions",
+        choices=["cache", "original"],
+        default="cache",
+        help="score the sinks at positions within the cache (StreamingLLM) or the original ones",
+    )
+
+
 def _cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-compile-cache",
@@ -354,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode steps per compiled chunk between screen updates",
     )
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    _window_flags(gen)
     _cache_flag(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -384,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--batch-size", type=_positive_int, default=1)
     info.add_argument("--capacity", type=_positive_int, default=2048)
     info.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    _window_flags(info)
     _cache_flag(info)
     info.set_defaults(func=cmd_info)
 
