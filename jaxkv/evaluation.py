@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from jaxkv import checks
-from jaxkv.cache import KVCache
+from jaxkv.cache import Kind, KVCache, layer_kinds
 from jaxkv.config import ModelConfig
 from jaxkv.model import Params, apply
 
@@ -46,10 +47,12 @@ def eval_text() -> str:
     return "\n\n".join(paragraphs)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity"))
-def _nll(params: Params, tokens: Array, *, config: ModelConfig, capacity: int) -> Array:
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "kinds"))
+def _nll(
+    params: Params, tokens: Array, *, config: ModelConfig, capacity: int, kinds: Any = None
+) -> Array:
     """Negative log-likelihood of tokens[1:] given everything before, fed one token per step."""
-    cache = KVCache.init(config, 1, capacity)
+    cache = KVCache.init(config, 1, capacity, kinds=kinds)
 
     def step(cache: KVCache, xs: tuple[Array, Array, Array]) -> tuple[KVCache, Array]:
         tok, nxt, pos = xs
@@ -64,10 +67,16 @@ def _nll(params: Params, tokens: Array, *, config: ModelConfig, capacity: int) -
 
 
 def perplexity(
-    params: Params, config: ModelConfig, tokens: Any, *, capacity: int | None = None
+    params: Params,
+    config: ModelConfig,
+    tokens: Any,
+    *,
+    capacity: int | None = None,
+    cache: Kind | Sequence[Kind] | None = None,
 ) -> tuple[float, np.ndarray]:
     """(perplexity, per-token NLL [len - 1]) of one token sequence, scored token by token
-    through a cache of `capacity` slots (default: the sequence length)."""
+    through a cache of `capacity` slots (default: the sequence length) of the kinds `cache`
+    picks (e.g. `Window(512, sinks=4)`; default: what the model's layers need)."""
     (row,) = checks.token_rows([tokens], config.vocab_size)
     if len(row) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {len(row)}")
@@ -77,7 +86,50 @@ def perplexity(
             f"{len(row)} tokens need {len(row) - 1} cache slots, over the capacity {capacity}"
         )
     nll = np.asarray(
-        _nll(params, jnp.asarray(row, jnp.int32), config=config, capacity=capacity),
+        _nll(
+            params,
+            jnp.asarray(row, jnp.int32),
+            config=config,
+            capacity=capacity,
+            kinds=None if cache is None else layer_kinds(config, cache, capacity),
+        ),
         np.float64,
     )
+    return math.exp(float(nll.mean())), nll
+
+
+def recompute_perplexity(
+    params: Params, config: ModelConfig, tokens: Any, *, sinks: int, window: int, batch: int = 32
+) -> tuple[float, np.ndarray]:
+    """The recompute oracle of a sinks + window cache: token t + 1 is scored by the uncached
+    forward on tokens[:sinks] + tokens[t - window + 1 : t + 1] at positions 0..sinks+window-1
+    (every layer recomputed from the kept tokens alone; StreamingLLM's "sliding window with
+    re-computation" baseline, with sinks). Returns (perplexity, per-token NLL)."""
+    from jaxkv.model import forward
+
+    (row,) = checks.token_rows([tokens], config.vocab_size)
+    n, width = len(row) - 1, sinks + window
+    windows = np.zeros((n, width), np.int32)
+    positions = np.full((n, width), -1, np.int32)
+    last = np.zeros(n, np.int64)
+    for t in range(n):
+        kept = (
+            row[: t + 1]
+            if t + 1 <= width
+            else np.concatenate([row[:sinks], row[t + 1 - window : t + 1]])
+        )
+        windows[t, : len(kept)] = kept
+        positions[t, : len(kept)] = np.arange(len(kept))
+        last[t] = len(kept) - 1
+    nll = np.zeros(n)
+    for lo in range(0, n, batch):
+        hi = min(n, lo + batch)
+        rows = np.zeros((batch, width), np.int32)
+        pos = np.full((batch, width), -1, np.int32)
+        rows[: hi - lo], pos[: hi - lo] = windows[lo:hi], positions[lo:hi]
+        logits = np.asarray(forward(params, config, rows, pos), np.float64)
+        picked = logits[np.arange(hi - lo), last[lo:hi]]
+        top = picked.max(axis=-1, keepdims=True)
+        logz = top[:, 0] + np.log(np.exp(picked - top).sum(axis=-1))
+        nll[lo:hi] = logz - picked[np.arange(hi - lo), row[lo + 1 : hi + 1]]
     return math.exp(float(nll.mean())), nll

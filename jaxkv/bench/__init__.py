@@ -16,7 +16,7 @@ from jaxkv.bench.report import markdown, plots
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxkv bench", description=__doc__)
-    parser.add_argument("--suite", choices=["cpu", "gpu", "real"], default="cpu")
+    parser.add_argument("--suite", choices=["cpu", "caches", "gpu", "real"], default="cpu")
     parser.add_argument("--out", default="bench_out", help="output directory")
     parser.add_argument(
         "--quick", action="store_true", help="fewer sizes (the CPU suite in under 5 minutes)"
@@ -57,7 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         copy_bw = common.copy_bandwidth()
         result["copy_bw_bytes_per_s"] = copy_bw
         result.update(cpu.run(args.quick, copy_bw, smoke=args.smoke))
-    else:
+    if args.suite in ("cpu", "caches"):
+        from jaxkv.bench import caches
+
+        result.update(caches.run(args.quick, smoke=args.smoke, out_dir=out))
+    elif args.suite != "cpu":
         from jaxkv.bench import gpu
 
         def save(partial: dict[str, Any]) -> None:
@@ -68,10 +72,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         result.update(gpu.run(args.quick, smoke=args.smoke, save=save))
     result["total_s"] = time.perf_counter() - t0
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
-    md = markdown(result)
+    if args.suite == "caches":
+        from jaxkv.bench.caches import markdown as caches_markdown
+
+        md = caches_markdown(result)
+    else:
+        md = markdown(result)
+        if "ppl_under_budget" in result:
+            from jaxkv.bench.caches import markdown as caches_markdown
+
+            md += "\n" + caches_markdown(result)
+        for png in plots(result, out):
+            print(f"wrote {png}")
     (out / "bench.md").write_text(md)
-    for png in plots(result, out):
-        print(f"wrote {png}")
     print(md)
     print(f"wrote {out / 'bench.json'} in {result['total_s']:.0f}s")
     return 0

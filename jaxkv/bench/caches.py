@@ -1,0 +1,332 @@
+"""Cache kinds, measured (part of `scripts/bench.py --suite cpu`):
+
+- streaming: a ring generates 16x its size in one compiled loop; the step time at the end over
+  the step time at the start, and the cache's bytes at both ends;
+- perplexity under a budget (StreamingLLM's protocol, token by token, cache ~1/8 of the text):
+  full cache, window only, sinks + window at cache positions and at original positions, and
+  the recompute oracle; the bundled model on held-out Python files, the real model
+  (SmolLM2-135M-Instruct, when fetched) on English prose; per-position curves as a plot;
+- hybrid: K/V memory and step time of 5 local (W = 1024) per global layer against all-dense;
+- cost per step: a long generation from a short prompt, total time against the sum of isolated
+  steps at each position, with the decode loop in growing-span groups and in one group.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.bench.common import random_params
+from jaxkv.cache import Dense, Window
+from jaxkv.config import ModelConfig, preset
+from jaxkv.decode import generate, prefill
+from jaxkv.evaluation import perplexity, recompute_perplexity
+from jaxkv.loops import Loop, decode_groups, decode_step_jit, resume_jit
+from jaxkv.model import Params
+from jaxkv.prefill import attention_span
+
+SINKS = 4
+
+
+def _log(msg: str) -> None:
+    print(f"[bench caches] {msg}", flush=True)
+
+
+def _time_resume(
+    params: Params, config: ModelConfig, state: Any, n: int, span: Any
+) -> tuple[float, Any]:
+    """Seconds per step of an n-step scan from `state` (compiled beforehand; state donated)."""
+    loop = Loop(config=config, steps=((n, span),))
+    eos, pad = np.zeros(0, np.int32), np.int32(0)
+    t = time.perf_counter()
+    out = resume_jit(params, state, eos, pad, None, loop=loop)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / n, out[0]
+
+
+def streaming(config: ModelConfig, params: Params, ring: int, factor: int = 16) -> dict[str, Any]:
+    """A sinks + window ring of `ring` slots generating factor x ring tokens in one loop."""
+    kind = Window(ring - SINKS, sinks=SINKS)
+    prompt = [[1, 2, 3]]
+    n = factor * ring
+    t = time.perf_counter()
+    res = generate(params, config, prompt, max_new_tokens=n, cache=kind)
+    jax.block_until_ready(res.tokens)
+    first_call = time.perf_counter() - t
+    emitted = int(res.lengths[0])
+    end_state = res.state
+    start = generate(params, config, prompt, max_new_tokens=ring, cache=kind).state
+    steps = 64
+    times: dict[str, list[float]] = {"start": [], "end": []}
+    bytes_start, bytes_end = start.cache.nbytes(), end_state.cache.nbytes()
+    for _ in range(4):  # alternate, so a noisy spell hits both ends alike; first round compiles
+        t0, start = _time_resume(params, config, start, steps, None)
+        t1, end_state = _time_resume(params, config, end_state, steps, None)
+        times["start"].append(t0)
+        times["end"].append(t1)
+    s0, s1 = min(times["start"][1:]), min(times["end"][1:])
+    return {
+        "ring_slots": ring,
+        "generated": n,
+        "emitted": emitted,
+        "first_call_s": first_call,
+        "step_ms_start": s0 * 1e3,
+        "step_ms_end": s1 * 1e3,
+        "streaming_step_ratio": s1 / s0,
+        "cache_bytes_start": bytes_start,
+        "cache_bytes_end": bytes_end,
+        "final_position": int(end_state.cache.lengths[0]),
+    }
+
+
+def ppl_under_budget(
+    config: ModelConfig, params: Params, tokens: np.ndarray, budget: int, label: str
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Perplexity of `tokens` under each policy at `budget` cache slots."""
+    n = len(tokens)
+    w = budget - SINKS
+    policies: dict[str, Any] = {
+        "full": None,
+        "window": Window(budget),
+        "sinks+window (cache positions)": Window(w, sinks=SINKS, positions="cache"),
+        "sinks+window (original positions)": Window(w, sinks=SINKS, positions="original"),
+    }
+    rows, curves = [], {}
+    for name, kind in policies.items():
+        t = time.perf_counter()
+        ppl, nll = perplexity(params, config, tokens, capacity=n, cache=kind)
+        _log(f"{label}: {name}: ppl {ppl:.3f} ({time.perf_counter() - t:.1f}s)")
+        rows.append({"model": label, "policy": name, "budget": budget, "tokens": n, "ppl": ppl})
+        curves[name] = nll
+    t = time.perf_counter()
+    ppl, nll = recompute_perplexity(params, config, tokens, sinks=SINKS, window=w)
+    _log(f"{label}: recompute: ppl {ppl:.3f} ({time.perf_counter() - t:.1f}s)")
+    rows.append({"model": label, "policy": "recompute", "budget": budget, "tokens": n, "ppl": ppl})
+    curves["recompute"] = nll
+    return rows, curves
+
+
+def plot_curves(curves: dict[str, np.ndarray], title: str, path: Path, every: int) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, nll in curves.items():
+        k = max(1, len(nll) // every)
+        m = len(nll) // k * k
+        ppl = np.exp(nll[:m].reshape(-1, k).mean(axis=1))
+        ax.plot(np.arange(len(ppl)) * k + k / 2, ppl, label=name)
+    ax.set_xlabel("position")
+    ax.set_ylabel(f"perplexity (mean NLL per {k} tokens)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def hybrid(position: int, capacity: int = 32768) -> dict[str, Any]:
+    """5 local layers (W = 1024) per global layer, against the same model all-dense."""
+    types = ("sliding_attention",) * 5 + ("full_attention",)
+    config = preset("llama-3m").replace(n_layers=6, sliding_window=1024, layer_types=types)
+    params = random_params(config, jax.random.key(0), jnp.float32)
+    out: dict[str, Any] = {"pattern": "5 x ring(1024) + 1 x dense", "capacity": capacity}
+    rng = np.random.default_rng(0)
+    prompt = [rng.integers(0, config.vocab_size, position).tolist()]
+    times, nbytes = {}, {}
+    for name, kind in (("hybrid", None), ("dense", Dense())):
+        _, cache = prefill(params, config, prompt, capacity=capacity, cache=kind)
+        nbytes[name] = cache.nbytes()
+        state = generate(params, config, prompt, max_new_tokens=2, capacity=capacity, cache=kind)
+        state = state.state
+        span = decode_groups(position + 16, 64, capacity, True)[0][1]
+        best = []
+        for _ in range(4):
+            t, state = _time_resume(params, config, state, 64, span)
+            best.append(t)
+        times[name] = min(best[1:])
+    out.update(
+        memory_bytes_hybrid=nbytes["hybrid"],
+        memory_bytes_dense=nbytes["dense"],
+        hybrid_memory_ratio=nbytes["dense"] / nbytes["hybrid"],
+        position=position,
+        step_ms_hybrid=times["hybrid"] * 1e3,
+        step_ms_dense=times["dense"] * 1e3,
+        hybrid_step_ratio=times["dense"] / times["hybrid"],
+    )
+    return out
+
+
+def cost_per_step(config: ModelConfig, params: Params, n_new: int) -> dict[str, Any]:
+    """Total time of an n_new-token generation from a 16-token prompt (growing-span groups, and
+    one group over the final reach as before), against the sum of isolated decode steps at
+    each position (measured at 8 positions, integrated)."""
+    prompt = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    capacity = 16 + n_new
+
+    def timed(**kw: Any) -> float:
+        generate(params, config, prompt, max_new_tokens=n_new, **kw)  # compile
+        best = []
+        for _ in range(2):
+            t = time.perf_counter()
+            jax.block_until_ready(
+                generate(params, config, prompt, max_new_tokens=n_new, **kw).tokens
+            )
+            best.append(time.perf_counter() - t)
+        return min(best)
+
+    grouped = timed()
+    import jaxkv.loops as loops
+
+    saved = loops.MAX_DECODE_GROUPS
+    loops.MAX_DECODE_GROUPS = 1
+    try:
+        one_group = timed(capacity=capacity + 1)  # another capacity: a separate compile
+    finally:
+        loops.MAX_DECODE_GROUPS = saved
+    marks = np.linspace(16, capacity - 64, 8).astype(int)
+    step_s = []
+    for p in marks:
+        row = [int(i % (config.vocab_size - 1)) + 1 for i in range(p)]
+        _, cache = prefill(params, config, [row], capacity=capacity)
+        span = attention_span(p + 32, capacity)
+        loop = Loop(config=config, span=None if span >= capacity else span)
+        toks, act = jnp.ones((1,), jnp.int32), jnp.ones((1,), bool)
+        _, cache = decode_step_jit(params, cache, toks, act, loop=loop)
+        t = time.perf_counter()
+        for _ in range(32):
+            logits, cache = decode_step_jit(params, cache, toks, act, loop=loop)
+        jax.block_until_ready(logits)
+        step_s.append((time.perf_counter() - t) / 32)
+    isolated_sum = float(np.trapezoid(step_s, marks)) * n_new / float(marks[-1] - marks[0])
+    return {
+        "new_tokens": n_new,
+        "groups": [list(g) for g in decode_groups(16, n_new - 1, capacity, True)],
+        "total_s_grouped": grouped,
+        "total_s_one_group": one_group,
+        "isolated_steps_sum_s": isolated_sum,
+        "grouped_over_isolated": grouped / isolated_sum,
+        "one_group_over_isolated": one_group / isolated_sum,
+        "isolated_step_ms": {int(p): s * 1e3 for p, s in zip(marks, step_s, strict=True)},
+    }
+
+
+def run(quick: bool, smoke: bool = False, out_dir: Path | None = None) -> dict[str, Any]:
+    from jaxkv.train import heldout_sample
+
+    out: dict[str, Any] = {}
+    small = preset("test-gqa") if smoke else preset("llama-3m")
+    p_small = random_params(small, jax.random.key(0), jnp.float32)
+    ring = 32 if smoke else 256
+    _log(f"streaming: ring of {ring} slots, 16x its size")
+    out["streaming"] = streaming(small, p_small, ring)
+    out["streaming_step_ratio"] = out["streaming"]["streaming_step_ratio"]
+
+    rows: list[dict[str, Any]] = []
+    from jaxkv.checkpoint import load_pretrained
+    from jaxkv.cli import BUNDLED_MODEL as bundled
+    from jaxkv.tokenizer import load_tokenizer
+
+    cfg_b, params_b = load_pretrained(bundled)
+    tok_b = load_tokenizer(bundled)
+    n_text = 256 if smoke else 2048 if quick else 4096
+    ids = np.asarray(tok_b.encode(heldout_sample(4 * n_text).decode("utf-8", "replace")))[:n_text]
+    r, curves = ppl_under_budget(cfg_b, params_b, ids, n_text // 8, "bundled (held-out Python)")
+    rows += r
+    if out_dir is not None:
+        plot_curves(
+            curves,
+            f"bundled model, cache {n_text // 8} of {n_text}",
+            out_dir / "ppl_bundled.png",
+            64,
+        )
+    real = _real_model()
+    if real is not None and not smoke:
+        from jaxkv.evaluation import eval_text
+
+        cfg_r, params_r, tok_r = real
+        n_real = 1024 if quick else 9216  # the full suite runs past SmolLM2's 8k context
+        ids = np.asarray(tok_r.encode(eval_text()))[:n_real]
+        r, curves = ppl_under_budget(cfg_r, params_r, ids, n_real // 8, "SmolLM2-135M (prose)")
+        rows += r
+        if out_dir is not None:
+            plot_curves(
+                curves,
+                f"SmolLM2-135M, cache {n_real // 8} of {n_real}",
+                out_dir / "ppl_smollm2.png",
+                64,
+            )
+    out["ppl_under_budget"] = rows
+
+    _log("hybrid 5:1, W = 1024, capacity 32768")
+    out["hybrid"] = hybrid(256 if smoke else 4096)
+    out["hybrid_memory_ratio"] = out["hybrid"]["hybrid_memory_ratio"]
+    n_new = 256 if smoke else 2048 if quick else 4096
+    _log(f"cost per step: {n_new} new tokens")
+    out["cost_per_step"] = cost_per_step(small, p_small, n_new)
+    return out
+
+
+def _real_model() -> tuple[Any, Any, Any] | None:
+    from jaxkv.paths import smollm2_path
+
+    path = smollm2_path()
+    if not path.exists():
+        return None
+    from jaxkv.checkpoint import load_pretrained
+    from jaxkv.tokenizer import load_tokenizer
+
+    config, params = load_pretrained(path)
+    return config, params, load_tokenizer(path)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The cache sections of BENCHMARKS.md."""
+    st, hy, cps = result["streaming"], result["hybrid"], result["cost_per_step"]
+    lines = [
+        "### Streaming (ring of sinks + window)",
+        "",
+        f"{st['generated']} tokens from a ring of {st['ring_slots']} slots in one compiled loop "
+        f"({st['emitted']} emitted, final position {st['final_position']}): step "
+        f"{st['step_ms_start']:.3f} ms at the start, {st['step_ms_end']:.3f} ms at the end, "
+        f"ratio **{st['streaming_step_ratio']:.3f}**; cache {st['cache_bytes_start']:,} bytes "
+        f"at the start and {st['cache_bytes_end']:,} at the end.",
+        "",
+        "### Perplexity under a budget (token by token)",
+        "",
+        "| model | tokens | budget | policy | ppl |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for r in result["ppl_under_budget"]:
+        lines.append(
+            f"| {r['model']} | {r['tokens']} | {r['budget']} | {r['policy']} | {r['ppl']:.3f} |"
+        )
+    lines += [
+        "",
+        f"### Hybrid ({hy['pattern']}, capacity {hy['capacity']})",
+        "",
+        f"K/V memory {hy['memory_bytes_hybrid']:,} vs {hy['memory_bytes_dense']:,} bytes "
+        f"all-dense: **{hy['hybrid_memory_ratio']:.2f}x** less; step at position "
+        f"{hy['position']}: {hy['step_ms_hybrid']:.3f} ms vs {hy['step_ms_dense']:.3f} ms "
+        f"({hy['hybrid_step_ratio']:.2f}x).",
+        "",
+        "### Cost per step follows the filled length",
+        "",
+        f"{cps['new_tokens']} new tokens from a 16-token prompt: "
+        f"{cps['total_s_grouped']:.2f} s in growing-span groups {cps['groups']}, "
+        f"{cps['total_s_one_group']:.2f} s in one group over the final reach; the isolated "
+        f"steps at each position sum to {cps['isolated_steps_sum_s']:.2f} s "
+        f"(ratios {cps['grouped_over_isolated']:.2f} and {cps['one_group_over_isolated']:.2f}).",
+        "",
+    ]
+    return "\n".join(lines)
