@@ -274,7 +274,7 @@ def test_tiny_temperature_is_greedy():
 def test_decode_step_span_on_a_full_cache_and_on_rings():
     cfg, params = tiny("test-gqa")
     _, cache = jaxkv.prefill(params, cfg, [[1, 2, 3, 4]], capacity=4)  # full
-    logits, cache = jaxkv.decode_step(params, cfg, cache, np.array([1], np.int32), span=4)
+    _, cache = jaxkv.decode_step(params, cfg, cache, np.array([1], np.int32), span=4)
     assert np.asarray(cache.lengths).tolist() == [4]  # no room: nothing stored, no error
     with pytest.raises(ValueError, match="span 3 must cover"):
         jaxkv.decode_step(params, cfg, cache, np.array([1], np.int32), span=3)
