@@ -99,28 +99,38 @@ def perplexity(
 
 
 def recompute_perplexity(
-    params: Params, config: ModelConfig, tokens: Any, *, sinks: int, window: int, batch: int = 32
+    params: Params,
+    config: ModelConfig,
+    tokens: Any,
+    *,
+    sinks: int,
+    window: int,
+    batch: int = 32,
+    stride: int = 1,
 ) -> tuple[float, np.ndarray]:
     """The recompute oracle of a sinks + window cache: token t + 1 is scored by the uncached
     forward on tokens[:sinks] + tokens[t - window + 1 : t + 1] at positions 0..sinks+window-1
     (every layer recomputed from the kept tokens alone; StreamingLLM's "sliding window with
-    re-computation" baseline, with sinks). Returns (perplexity, per-token NLL)."""
+    re-computation" baseline, with sinks): one forward of sinks + window tokens per scored
+    token, so `stride` > 1 scores every stride-th token only (a sample, for large models).
+    Returns (perplexity, NLL of the scored tokens)."""
     from jaxkv.model import forward
 
     (row,) = checks.token_rows([tokens], config.vocab_size)
-    n, width = len(row) - 1, sinks + window
+    scored = np.arange(0, len(row) - 1, stride)
+    n, width = len(scored), sinks + window
     windows = np.zeros((n, width), np.int32)
     positions = np.full((n, width), -1, np.int32)
     last = np.zeros(n, np.int64)
-    for t in range(n):
+    for i, t in enumerate(scored):
         kept = (
             row[: t + 1]
             if t + 1 <= width
             else np.concatenate([row[:sinks], row[t + 1 - window : t + 1]])
         )
-        windows[t, : len(kept)] = kept
-        positions[t, : len(kept)] = np.arange(len(kept))
-        last[t] = len(kept) - 1
+        windows[i, : len(kept)] = kept
+        positions[i, : len(kept)] = np.arange(len(kept))
+        last[i] = len(kept) - 1
     nll = np.zeros(n)
     for lo in range(0, n, batch):
         hi = min(n, lo + batch)
@@ -131,5 +141,5 @@ def recompute_perplexity(
         picked = logits[np.arange(hi - lo), last[lo:hi]]
         top = picked.max(axis=-1, keepdims=True)
         logz = top[:, 0] + np.log(np.exp(picked - top).sum(axis=-1))
-        nll[lo:hi] = logz - picked[np.arange(hi - lo), row[lo + 1 : hi + 1]]
+        nll[lo:hi] = logz - picked[np.arange(hi - lo), row[scored[lo:hi] + 1]]
     return math.exp(float(nll.mean())), nll
