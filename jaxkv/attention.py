@@ -16,7 +16,7 @@ Weights:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -82,15 +82,25 @@ def _masked_values(v: Array, pos: Array, axis: int) -> Array:
     return jnp.where((pos >= 0).reshape(shape), v, jnp.zeros((), v.dtype))
 
 
-def _segment_scores(q: Array, q_sink: Array | None, seg: Segment, spec: str) -> Array:
-    """Scores of q against a segment's keys (einsum `spec`, keys [B, N, H, T] last), the
-    first `seg.sink_slots` slots scored with q_sink (the query at its cache position)."""
-    s = jnp.einsum(spec, q, seg.k, preferred_element_type=jnp.float32)
+def _segment_scores(
+    q: Array, q_sink: Array | None, seg: Segment, score: Callable[[Array, Array], Array]
+) -> Array:
+    """Scores `score(q, keys)` of a segment's keys ([B, N, H, T]), the first `seg.sink_slots`
+    slots scored with q_sink (the query at its cache position) instead."""
+    s = score(q, seg.k)
     n = seg.sink_slots
     if n and q_sink is not None:
-        head = jnp.einsum(spec, q_sink, seg.k[..., :n], preferred_element_type=jnp.float32)
-        s = jnp.concatenate([head, s[..., n:]], axis=-1)
+        s = jnp.concatenate([score(q_sink, seg.k[..., :n]), s[..., n:]], axis=-1)
     return s
+
+
+def _einsum_scores(spec: str) -> Callable[[Array, Array], Array]:
+    return lambda q, k: jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
+
+
+def _reduced_scores(q: Array, k: Array) -> Array:
+    """Decode scores as multiply-reduce: q [B, N, G, H], k [B, N, H, T] -> [B, N, G, T]."""
+    return jnp.sum(q.astype(jnp.float32)[..., None] * k[:, :, None].astype(jnp.float32), axis=3)
 
 
 def attend(
@@ -135,7 +145,7 @@ def attend(
     scores = [jnp.where(mask, s * scale, _MASKED)]  # each [B, N, G, S, T]
     values = [(v, "bngst,btnh->bsngh")]
     for seg in segments:
-        s = _segment_scores(q, q_sink, seg, "bsngh,bnht->bngst")
+        s = _segment_scores(q, q_sink, seg, _einsum_scores("bsngh,bnht->bngst"))
         mask = attention_mask(q_pos, seg.pos, window, sinks)[:, None, None]
         scores.append(jnp.where(mask, s * scale, _MASKED))
         values.append((_masked_values(seg.v, seg.pos, 2), "bngst,bnth->bsngh"))
@@ -204,18 +214,11 @@ def _attend_one(
     by_reduction = _decode_by_reduction()
     scores, values = [], []
     for seg in segments:
-        if by_reduction:
-            s = jnp.sum(qf[..., None] * seg.k[:, :, None].astype(jnp.float32), axis=3)
-            if seg.sink_slots and q_sink is not None:
-                n = seg.sink_slots
-                qs = q_sink.astype(jnp.float32)[..., None]
-                head = jnp.sum(qs * seg.k[:, :, None, :, :n].astype(jnp.float32), axis=3)
-                s = jnp.concatenate([head, s[..., n:]], axis=-1)
-        else:
-            s = _segment_scores(q, q_sink, seg, "bngh,bnht->bngt")
+        score = _reduced_scores if by_reduction else _einsum_scores("bngh,bnht->bngt")
+        s = _segment_scores(q, q_sink, seg, score)
         mask = attention_mask(q_pos[:, None], seg.pos, window, sinks)[:, :, None]  # [B,1,1,T]
         scores.append(jnp.where(mask, s * scale, _MASKED))
-        values.append(_masked_values(seg.v, seg.pos, 2))
+        values.append(seg.v)  # empty slots hold zeros (see jaxkv.cache.base)
     top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1) for s in scores])
     top = jnp.maximum(top, s_new)  # [B, N, G]
     w_new = jnp.exp(s_new - top)

@@ -116,9 +116,16 @@ class _Layout:
 
 
 def _cache_layout(
-    config: ModelConfig, cache: CacheArg, batch: int, capacity: int | None, default_cap: int
+    config: ModelConfig,
+    cache: CacheArg,
+    batch: int,
+    capacity: int | None,
+    default_cap: int | None,
+    caller: str,
 ) -> _Layout:
-    """Validate `cache=` and `capacity=`: a KVCache to reuse, or the kinds of a fresh one."""
+    """Validate `cache=` and `capacity=`: a KVCache to reuse, or the kinds of a fresh one
+    (dense layers get `capacity`, else `default_cap`; with neither, dense layers are an
+    error)."""
     if isinstance(cache, KVCache):
         cache.check_compatible(config, batch)
         if capacity is not None and capacity != cache.capacity:
@@ -127,12 +134,13 @@ def _cache_layout(
                 "give one or the other"
             )
         return _Layout(cache, cache.capacity if cache.has_dense else None, None)
-    if capacity is not None:
-        capacity = checks.check_capacity(capacity)
-    kinds = layer_kinds(config, cache, capacity if capacity is not None else default_cap)
+    capacity = checks.check_capacity(capacity) if capacity is not None else default_cap
+    kinds = layer_kinds(config, cache, capacity)
     if not needs_capacity(kinds):
         return _Layout(None, None, kinds)
-    return _Layout(None, capacity if capacity is not None else default_cap, kinds)
+    if capacity is None:
+        raise ValueError(f"{caller} needs capacity= (slots per row) for a cache with dense layers")
+    return _Layout(None, capacity, kinds)
 
 
 def _check_room(longest: int, max_new_tokens: int, layout: _Layout, config: ModelConfig) -> None:
@@ -195,7 +203,7 @@ def _request(
     rows = checks.token_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
     default_cap = bucket_length(longest, _NO_LIMIT) + max_new_tokens
-    layout = _cache_layout(config, cache, len(rows), capacity, default_cap)
+    layout = _cache_layout(config, cache, len(rows), capacity, default_cap, "generate")
     _check_room(longest, max_new_tokens, layout, config)
     rules = _rules(config, mesh, len(rows))
     batch = _layout(rows, layout.capacity, pad_id)
@@ -249,13 +257,7 @@ def prefill(
     pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
     rows = checks.token_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
-    if capacity is None and not isinstance(cache, KVCache):
-        resolved = layer_kinds(config, cache, None)
-        if needs_capacity(resolved):
-            raise ValueError(
-                "prefill needs capacity= (slots per row) for a cache with dense layers"
-            )
-    layout = _cache_layout(config, cache, len(rows), capacity, capacity or 0)
+    layout = _cache_layout(config, cache, len(rows), capacity, None, "prefill")
     if layout.capacity is not None and longest > layout.capacity:
         raise ValueError(f"prompt length {longest} exceeds the cache capacity {layout.capacity}")
     rules = _rules(config, mesh, len(rows))

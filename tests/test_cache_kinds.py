@@ -308,3 +308,50 @@ def test_ring_generation_runs_past_its_size_without_growing(rng):
     assert res.state.cache.room() is None
     more = jaxkv.resume(params, cfg, res.state, max_new_tokens=20)
     assert np.asarray(more.lengths).tolist() == [20, 20]
+
+
+def test_prefill_needs_no_capacity_when_every_layer_is_a_ring():
+    cfg, params = tiny_cfg(sliding_window=W)
+    _, cache = jaxkv.prefill(params, cfg, [[1, 2, 3, 4, 5, 6]])
+    assert cache.describe() == f"2 x ring(window={W})"
+    full, full_params = tiny("test-gqa")
+    with pytest.raises(ValueError, match="prefill needs capacity="):
+        jaxkv.prefill(full_params, full, [[1, 2]])
+
+
+@pytest.mark.parametrize("kind", [None, Window(W, sinks=1)])
+def test_emptied_slots_hold_zero_values(rng, kind):
+    """Whatever empties a slot zeroes its value (a decode step reads V unmasked): reset for
+    reuse, and truncate, even over NaN."""
+    cfg, params = tiny("test-gqa")
+    cache = _poisoned(KVCache.init(cfg, 2, 32, kinds=kind))
+    _, cache = jaxkv.prefill(params, cfg, random_prompts(rng, [3, 2], cfg.vocab_size), cache=cache)
+    for layer in cache.layers:
+        pos = np.asarray(cache.positions if kind is None else layer.pos)
+        v = np.asarray(layer.v)  # [B, N, T, H]
+        assert (v.transpose(0, 2, 1, 3)[pos < 0] == 0).all()
+    rolled = cache.truncate(np.array([1, 2]))
+    for layer in rolled.layers:
+        pos = np.asarray(rolled.positions if kind is None else layer.pos)
+        assert (np.asarray(layer.v).transpose(0, 2, 1, 3)[pos < 0] == 0).all()
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_generate_with_a_cache_writes_into_its_buffers(name):
+    """generate(cache=KVCache) empties the cache inside the program and aliases every leaf of
+    it to the result: reuse allocates no cache (and copies none)."""
+    from jaxkv.bench.common import cache_sized_copies
+    from jaxkv.decode import _request
+    from jaxkv.loops import generate_jit
+
+    cfg, params = tiny("test-gqa")
+    cache = KVCache.init(cfg, 2, 1024, kinds=KINDS[name])
+    r = _request(cfg, [[1, 2], [3]], 8, jaxkv.GREEDY, None, 0, 0, None, None, 512, cache, None)
+    args = (params, r.tokens, r.positions, r.key, r.eos, r.pad_id, r.cache)
+    text = generate_jit.lower(*args, loop=r.loop).compile().as_text()
+    first = len(jax.tree.leaves(args[:-1]))
+    assert set(range(first, first + len(jax.tree.leaves(cache)))) <= _aliased_params(text)
+    for size in {layer.slots for layer in cache.layers}:
+        # A copy of a broadcast is reset's zero fill of the values, written into the buffer.
+        copies = [c for c in cache_sized_copies(text, size) if "broadcast" not in c]
+        assert copies == []

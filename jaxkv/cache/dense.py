@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxkv.cache.base import (
     K_FROM_PROJECTION,
@@ -54,8 +55,6 @@ class DenseLayer:
     def slots(self) -> int:
         return self.k.shape[K_SLOT_AXIS]
 
-    capacity = slots
-
     def segments(self, plan: WritePlan, span: int | None) -> tuple[Segment, ...]:
         """The first `span` slots (all if None), masked by the shared position table."""
         span = self.slots if span is None else span
@@ -83,10 +82,15 @@ class DenseLayer:
         )
 
     def reset(self) -> DenseLayer:
-        return self  # the shared position table marks every slot empty
+        """Every slot empty (the shared table says so); values zeroed in place, so no stale
+        value (even a NaN) can reach a decode step's p @ V (see jaxkv.cache.base)."""
+        return DenseLayer(k=self.k, v=jnp.zeros_like(self.v))
 
-    def truncate(self, keep: Array) -> DenseLayer:
-        return self
+    def truncate(self, keep: Array, table: Array) -> DenseLayer:
+        """Forget positions >= keep[b] (`table`: the shared position table before); their
+        values are zeroed."""
+        freed = table >= keep[:, None]
+        return DenseLayer(k=self.k, v=jnp.where(freed[:, None, :, None], 0, self.v))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {"k": tuple(self.k.shape), "v": tuple(self.v.shape)}

@@ -161,9 +161,9 @@ class KVCache:
         )
 
     def reset(self) -> KVCache:
-        """The cache emptied (traceable): every slot marked empty, lengths and index 0. K/V
-        buffers keep their old contents, which attention never reads (masked by position), so a
-        donated cache is reused without allocating or zeroing anything."""
+        """The cache emptied (traceable): every slot marked empty, lengths and index 0, values
+        zeroed in the donated buffers (keys keep their contents: masked scores never read them),
+        so a cache is reused without allocating anything."""
         return KVCache(
             layers=tuple(layer.reset() for layer in self.layers),
             positions=jnp.full_like(self.positions, -1),
@@ -197,7 +197,7 @@ class KVCache:
         slots = jnp.arange(1, self.capacity + 1, dtype=jnp.int32)
         index = jnp.max(jnp.where(held, slots, 0), initial=0) if self.has_dense else self.index
         return KVCache(
-            layers=tuple(layer.truncate(keep) for layer in self.layers),
+            layers=tuple(layer.truncate(keep, self.positions) for layer in self.layers),
             positions=table,
             lengths=jnp.minimum(self.lengths, keep),
             index=index,

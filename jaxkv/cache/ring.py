@@ -93,10 +93,17 @@ class RingLayer:
         )
 
     def reset(self) -> RingLayer:
-        return dataclasses.replace(self, pos=jnp.full_like(self.pos, -1))
+        """Every slot empty, values zeroed (see jaxkv.cache.base)."""
+        return dataclasses.replace(self, v=jnp.zeros_like(self.v), pos=jnp.full_like(self.pos, -1))
 
-    def truncate(self, keep: Array) -> RingLayer:
-        return dataclasses.replace(self, pos=jnp.where(self.pos < keep[:, None], self.pos, -1))
+    def truncate(self, keep: Array, table: Array | None = None) -> RingLayer:
+        """Forget positions >= keep[b]; their values are zeroed."""
+        freed = self.pos >= keep[:, None]
+        return dataclasses.replace(
+            self,
+            v=jnp.where(freed[:, None, :, None], 0, self.v),
+            pos=jnp.where(freed, -1, self.pos),
+        )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {"k": tuple(self.k.shape), "v": tuple(self.v.shape), "pos": tuple(self.pos.shape)}
