@@ -122,6 +122,7 @@ def _cache_layout(
     capacity: int | None,
     default_cap: int | None,
     caller: str,
+    cache_dtype: Any = None,
 ) -> _Layout:
     """Validate `cache=` and `capacity=`: a KVCache to reuse, or the kinds of a fresh one
     (dense layers get `capacity`, else `default_cap`; with neither, dense layers are an
@@ -133,6 +134,12 @@ def _cache_layout(
                 f"capacity={capacity} was given with a cache of capacity {cache.capacity}; "
                 "give one or the other"
             )
+        held = cache.layers[0].k.dtype
+        if cache_dtype is not None and jnp.dtype(cache_dtype) != held:
+            raise ValueError(
+                f"cache_dtype={jnp.dtype(cache_dtype).name} was given with a cache of dtype "
+                f"{held}; give one or the other"
+            )
         return _Layout(cache, cache.capacity if cache.has_dense else None, None)
     capacity = checks.check_capacity(capacity) if capacity is not None else default_cap
     kinds = layer_kinds(config, cache, capacity)
@@ -141,10 +148,6 @@ def _cache_layout(
     if capacity is None:
         raise ValueError(f"{caller} needs capacity= (slots per row) for a cache with dense layers")
     return _Layout(None, capacity, kinds)
-
-
-def _check_room(longest: int, max_new_tokens: int, layout: _Layout, config: ModelConfig) -> None:
-    checks.check_fits(longest, max_new_tokens, layout.capacity or _NO_LIMIT, config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,8 +206,8 @@ def _request(
     rows = checks.token_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
     default_cap = bucket_length(longest, _NO_LIMIT) + max_new_tokens
-    layout = _cache_layout(config, cache, len(rows), capacity, default_cap, "generate")
-    _check_room(longest, max_new_tokens, layout, config)
+    layout = _cache_layout(config, cache, len(rows), capacity, default_cap, "generate", cache_dtype)
+    checks.check_fits(longest, max_new_tokens, layout.capacity or _NO_LIMIT, config)
     rules = _rules(config, mesh, len(rows))
     batch = _layout(rows, layout.capacity, pad_id)
     s = batch.tokens.shape[1]
@@ -257,7 +260,7 @@ def prefill(
     pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
     rows = checks.token_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
-    layout = _cache_layout(config, cache, len(rows), capacity, None, "prefill")
+    layout = _cache_layout(config, cache, len(rows), capacity, None, "prefill", cache_dtype)
     if layout.capacity is not None and longest > layout.capacity:
         raise ValueError(f"prompt length {longest} exceeds the cache capacity {layout.capacity}")
     rules = _rules(config, mesh, len(rows))

@@ -223,9 +223,7 @@ def _scan_steps(
 # --------------------------------------------------------------------------- entry points
 
 
-@functools.partial(
-    jax.jit, static_argnames=("loop",), donate_argnames=("cache",), keep_unused=True
-)
+@functools.partial(jax.jit, static_argnames=("loop",), donate_argnames=("cache",), keep_unused=True)
 def generate_jit(
     params: Params,
     tokens: Array,
@@ -261,9 +259,7 @@ def resume_jit(
     return _scan_steps(params, state, eos, pad_id, budget, loop)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("loop",), donate_argnames=("cache",), keep_unused=True
-)
+@functools.partial(jax.jit, static_argnames=("loop",), donate_argnames=("cache",), keep_unused=True)
 def start_jit(
     params: Params,
     tokens: Array,
@@ -280,9 +276,7 @@ def start_jit(
     return state, replicate(state.tokens, loop.rules), replicate(jnp.all(state.done), loop.rules)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("loop",), donate_argnames=("cache",), keep_unused=True
-)
+@functools.partial(jax.jit, static_argnames=("loop",), donate_argnames=("cache",), keep_unused=True)
 def prefill_jit(
     params: Params, tokens: Array, positions: Array, cache: KVCache | None, *, loop: Loop
 ) -> tuple[Array, KVCache]:
@@ -290,9 +284,7 @@ def prefill_jit(
     return replicate(logits, loop.rules), cache
 
 
-@functools.partial(
-    jax.jit, static_argnames=("loop",), donate_argnames=("cache",), keep_unused=True
-)
+@functools.partial(jax.jit, static_argnames=("loop",), donate_argnames=("cache",), keep_unused=True)
 def decode_step_jit(
     params: Params, cache: KVCache, tokens: Array, active: Array, *, loop: Loop
 ) -> tuple[Array, KVCache]:

@@ -298,6 +298,15 @@ def test_cache_kind_arguments_are_validated():
         jaxkv.generate(
             params, cfg, [[1]], max_new_tokens=2, capacity=8, cache=jaxkv.KVCache.init(cfg, 1, 16)
         )
+    with pytest.raises(ValueError, match="cache_dtype=bfloat16 was given with a cache of dtype"):
+        jaxkv.generate(
+            params,
+            cfg,
+            [[1]],
+            max_new_tokens=2,
+            cache_dtype="bfloat16",
+            cache=jaxkv.KVCache.init(cfg, 1, 16),
+        )
     with pytest.raises(ValueError, match="batch size 2"):
         jaxkv.generate(params, cfg, [[1]], max_new_tokens=2, cache=jaxkv.KVCache.init(cfg, 2, 16))
 
