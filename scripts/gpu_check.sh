@@ -19,3 +19,11 @@ timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider \
 # Chunked prefill: jaxkv's own attention against cuDNN's fused kernel (bf16), SmolLM2's shape.
 timeout "${PREFILL_TIMEOUT:-120}" python3 scripts/prefill_attention.py --dtype bfloat16 \
   --tokens 4096 16384 2>&1 | tee "$OUT/prefill_attention.txt"
+# Cache kinds (issue 12): the ring, sinks and hybrid oracles and the in-place compiled
+# programs on the GPU, then the cache benchmarks (streaming ratio, perplexity under a budget
+# with the bundled model, hybrid 5:1, cost per step).
+timeout "${CACHE_TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider \
+  tests/test_cache_kinds.py -k "ring_equals or sinks_equal or hybrid_layers or compiled or nan" \
+  2>&1 | tail -20 | tee "$OUT/cache_tests.txt"
+timeout "${CACHES_TIMEOUT:-300}" python3 scripts/bench.py --suite caches --quick \
+  --out "$OUT/caches" 2>&1 | tee "$OUT/caches_log.txt"
