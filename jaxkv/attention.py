@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.cache import LayerCache, Segment, WritePlan
+from jaxkv.cache.quant import dequantize
 from jaxkv.config import ModelConfig
 from jaxkv.layers import apply_rope
 
@@ -94,6 +95,19 @@ def _segment_scores(
     return s
 
 
+def _dequantized(seg: Segment, dtype: object) -> Segment:
+    """A segment with int8 storage as full-precision keys and values (for attention of many
+    queries, where the scores outweigh one pass over the stored keys)."""
+    if seg.k_scale is None:
+        return seg
+    return seg._replace(
+        k=dequantize(seg.k, seg.k_scale, 3, dtype),
+        v=dequantize(seg.v, seg.v_scale, 2, dtype),
+        k_scale=None,
+        v_scale=None,
+    )
+
+
 def _einsum_scores(spec: str) -> Callable[[Array, Array], Array]:
     return lambda q, k: jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
 
@@ -127,6 +141,7 @@ def attend(
     if q.shape[1] == 1:
         qs = None if q_sink is None else q_sink[:, 0]
         return _attend_one(q[:, 0], q_pos[:, 0], new, segments, window, sinks, qs)[:, None]
+    segments = [_dequantized(seg, q.dtype) for seg in segments]  # many queries: worth it
     impl = _fused_prefill(q.dtype) if q_sink is None else None
     if impl is not None:
         try:
@@ -216,22 +231,27 @@ def _attend_one(
     for seg in segments:
         score = _reduced_scores if by_reduction else _einsum_scores("bngh,bnht->bngt")
         s = _segment_scores(q, q_sink, seg, score)
+        if seg.k_scale is not None:  # int8 keys: one scale per slot multiplies its score
+            s = s * seg.k_scale[:, :, None, :]
         mask = attention_mask(q_pos[:, None], seg.pos, window, sinks)[:, :, None]  # [B,1,1,T]
         scores.append(jnp.where(mask, s * scale, _MASKED))
-        values.append(seg.v)  # empty slots hold zeros (see jaxkv.cache.base)
+        values.append((seg.v, seg.v_scale))  # empty slots hold zeros (jaxkv.cache.base)
     top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1) for s in scores])
     top = jnp.maximum(top, s_new)  # [B, N, G]
     w_new = jnp.exp(s_new - top)
     denom = w_new
     o = w_new[..., None] * v.astype(jnp.float32)
-    for s, cv in zip(scores, values, strict=True):
+    for s, (cv, v_scale) in zip(scores, values, strict=True):
         w = jnp.exp(s - top[..., None])
         denom = denom + jnp.sum(w, axis=-1)
+        if v_scale is not None:  # int8 values: each slot's scale folds into its weight
+            w = w * v_scale[:, :, None, :]
         if by_reduction:
             o = o + jnp.sum(w[..., None] * cv[:, :, None].astype(jnp.float32), axis=3)
         else:
+            wd = q.dtype if v_scale is not None else cv.dtype
             o = o + jnp.einsum(
-                "bngt,bnth->bngh", w.astype(cv.dtype), cv, preferred_element_type=jnp.float32
+                "bngt,bnth->bngh", w.astype(wd), cv, preferred_element_type=jnp.float32
             )
     return (o / denom[..., None]).astype(q.dtype)
 

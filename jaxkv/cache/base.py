@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxkv.cache.quant import is_quantized, quantize
+
 Array = jax.Array
 
 
@@ -50,6 +52,8 @@ class Segment(NamedTuple):
     v: Array
     pos: Array
     sink_slots: int = 0
+    k_scale: Array | None = None  # [B, N, T] with int8 storage (see jaxkv.cache.quant)
+    v_scale: Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -121,22 +125,44 @@ def write_slots(
 
 
 def scatter_slots(buf: Array, new: Array, slots: Array, axis: int, dep: Array | None) -> Array:
-    """Write row b's new token s ([B, S, N, H], as projected) into slot slots[b, s] of `axis`
-    of `buf` ([B, N, H, T] with axis 3, or [B, N, T, H] with axis 2), after `dep`. A slot
+    """Write row b's new token s ([B, S, N, H] as projected, or [B, S, N] scales) into slot
+    slots[b, s] of `axis` of `buf` ([B, N, H, T] with axis 3, [B, N, T, H] or [B, N, T] with
+    axis 2), after `dep`. A slot
     >= the buffer's size is not written (the caller marks dropped tokens that way), and the
     valid slots of a row must be distinct (duplicate scatter indices write in undefined order)."""
     rows = jnp.arange(buf.shape[0])[:, None]
     value = ordered_after(new.astype(buf.dtype), dep)
+    # k: (rows, :, :, slots); v [B, N, T, H] and scales [B, N, T]: (rows, :, slots)
     index = (rows, slice(None), slice(None), slots) if axis == 3 else (rows, slice(None), slots)
     return buf.at[index].set(value, mode="drop")
 
 
-def kv_zeros(batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype: Any) -> tuple:
-    """Zeroed k [B, N, H, slots] and v [B, N, slots, H]."""
-    return (
-        jnp.zeros((batch, n_kv_heads, head_dim, slots), dtype),
-        jnp.zeros((batch, n_kv_heads, slots, head_dim), dtype),
-    )
+def kv_zeros(batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype: Any) -> dict:
+    """Zeroed k [B, N, H, slots] and v [B, N, slots, H], and with int8 storage their scales
+    k_scale, v_scale [B, N, slots] (float32)."""
+    out = {
+        "k": jnp.zeros((batch, n_kv_heads, head_dim, slots), dtype),
+        "v": jnp.zeros((batch, n_kv_heads, slots, head_dim), dtype),
+    }
+    if is_quantized(dtype):
+        out["k_scale"] = jnp.zeros((batch, n_kv_heads, slots), jnp.float32)
+        out["v_scale"] = jnp.zeros((batch, n_kv_heads, slots), jnp.float32)
+    return out
+
+
+def store(new: Array, quantized: bool) -> tuple[Array, Array | None]:
+    """What a layer stores for new keys or values ([B, S, N, H]): themselves, or with int8
+    storage (int8 [B, S, N, H], scales [B, S, N])."""
+    return quantize(new) if quantized else (new, None)
+
+
+def zero_values(layer: Any, freed: Array) -> dict:
+    """Replacement `v` (and `v_scale`) of a layer with the slots where `freed` ([B, slots]) is
+    True zeroed: an empty slot holds a zero value (see the module docstring)."""
+    out = {"v": jnp.where(freed[:, None, :, None], 0, layer.v).astype(layer.v.dtype)}
+    if layer.v_scale is not None:
+        out["v_scale"] = jnp.where(freed[:, None, :], 0.0, layer.v_scale)
+    return out
 
 
 # Where the slots are in each leaf, and how a [B, S, n_kv_heads, head_dim] projection output is

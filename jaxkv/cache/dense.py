@@ -27,7 +27,9 @@ from jaxkv.cache.base import (
     Segment,
     WritePlan,
     kv_zeros,
+    store,
     write_slots,
+    zero_values,
 )
 
 Array = jax.Array
@@ -41,6 +43,8 @@ class DenseLayer:
 
     k: Array
     v: Array
+    k_scale: Array | None = None  # [B, N, capacity] with int8 storage
+    v_scale: Array | None = None
     window = None
     sinks = 0
     sink_positions = "original"
@@ -49,7 +53,7 @@ class DenseLayer:
     def zeros(
         cls, batch_size: int, capacity: int, n_kv_heads: int, head_dim: int, dtype: Any
     ) -> DenseLayer:
-        return cls(*kv_zeros(batch_size, capacity, n_kv_heads, head_dim, dtype))
+        return cls(**kv_zeros(batch_size, capacity, n_kv_heads, head_dim, dtype))
 
     @property
     def slots(self) -> int:
@@ -60,8 +64,13 @@ class DenseLayer:
         span = self.slots if span is None else span
         if span == 0:
             return ()
-        k, v = (self.k, self.v) if span == self.slots else self.read(span)
-        return (Segment(k, v, plan.cached_positions(span)),)
+        if span == self.slots:
+            return (Segment(self.k, self.v, plan.cached_positions(span), 0, *self.scales()),)
+        scales = [None if x is None else x[..., :span] for x in self.scales()]
+        return (Segment(*self.read(span), plan.cached_positions(span), 0, *scales),)
+
+    def scales(self) -> tuple[Array | None, Array | None]:
+        return self.k_scale, self.v_scale
 
     def read(self, span: int) -> tuple[Array, Array]:
         """Stored keys and values of the first `span` slots."""
@@ -71,26 +80,39 @@ class DenseLayer:
         self, k_new: Array, v_new: Array, plan: WritePlan, after: Array | None = None
     ) -> DenseLayer:
         """Store the new keys and values at slots [plan.index, plan.index + S)."""
+        quantized = self.k_scale is not None
+        (k_new, k_scale), (v_new, v_scale) = store(k_new, quantized), store(v_new, quantized)
 
         def put(buf: Array, new: Array, perm: tuple[int, ...], axis: int) -> Array:
             dep = None if after is None else after.transpose(perm)
             return write_slots(buf, new.transpose(perm), plan.index, plan.valid, axis, dep)
 
-        return DenseLayer(
+        out = DenseLayer(
             k=put(self.k, k_new, K_FROM_PROJECTION, K_SLOT_AXIS),
             v=put(self.v, v_new, V_FROM_PROJECTION, V_SLOT_AXIS),
+        )
+        if not quantized:
+            return out
+        dep = None if after is None else after[..., 0].transpose(0, 2, 1)
+
+        def put_scale(buf: Array, new: Array) -> Array:  # [B, S, N] into [B, N, capacity]
+            return write_slots(buf, new.transpose(0, 2, 1), plan.index, plan.valid, 2, dep)
+
+        return dataclasses.replace(
+            out, k_scale=put_scale(self.k_scale, k_scale), v_scale=put_scale(self.v_scale, v_scale)
         )
 
     def reset(self) -> DenseLayer:
         """Every slot empty (the shared table says so); values zeroed in place, so no stale
         value (even a NaN) can reach a decode step's p @ V (see jaxkv.cache.base)."""
-        return DenseLayer(k=self.k, v=jnp.zeros_like(self.v))
+        return dataclasses.replace(
+            self, **zero_values(self, jnp.ones((self.v.shape[0], self.slots), bool))
+        )
 
     def truncate(self, keep: Array, table: Array) -> DenseLayer:
         """Forget positions >= keep[b] (`table`: the shared position table before); their
         values are zeroed."""
-        freed = table >= keep[:, None]
-        return DenseLayer(k=self.k, v=jnp.where(freed[:, None, :, None], 0, self.v))
+        return dataclasses.replace(self, **zero_values(self, table >= keep[:, None]))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {"k": tuple(self.k.shape), "v": tuple(self.v.shape)}

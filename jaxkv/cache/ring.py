@@ -23,7 +23,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxkv.cache.base import K_SLOT_AXIS, Segment, WritePlan, kv_zeros, ordered_after, scatter_slots
+from jaxkv.cache.base import (
+    K_SLOT_AXIS,
+    Segment,
+    WritePlan,
+    kv_zeros,
+    ordered_after,
+    scatter_slots,
+    store,
+    zero_values,
+)
 
 Array = jax.Array
 SINK_POSITIONS = ("cache", "original")
@@ -38,6 +47,8 @@ class RingLayer:
     k: Array
     v: Array
     pos: Array
+    k_scale: Array | None = None  # [B, N, slots] with int8 storage
+    v_scale: Array | None = None
     window: int = dataclasses.field(metadata=dict(static=True), default=1)
     sinks: int = dataclasses.field(metadata=dict(static=True), default=0)
     sink_positions: str = dataclasses.field(metadata=dict(static=True), default="cache")
@@ -54,9 +65,13 @@ class RingLayer:
         sink_positions: str = "cache",
     ) -> RingLayer:
         slots = sinks + window
-        k, v = kv_zeros(batch_size, slots, n_kv_heads, head_dim, dtype)
-        pos = jnp.full((batch_size, slots), -1, jnp.int32)
-        return cls(k, v, pos, window=window, sinks=sinks, sink_positions=sink_positions)
+        return cls(
+            **kv_zeros(batch_size, slots, n_kv_heads, head_dim, dtype),
+            pos=jnp.full((batch_size, slots), -1, jnp.int32),
+            window=window,
+            sinks=sinks,
+            sink_positions=sink_positions,
+        )
 
     @property
     def slots(self) -> int:
@@ -67,7 +82,7 @@ class RingLayer:
         if span == 0:
             return ()
         sink_slots = self.sinks if self.sink_positions == "cache" else 0
-        return (Segment(self.k, self.v, self.pos, sink_slots),)
+        return (Segment(self.k, self.v, self.pos, sink_slots, self.k_scale, self.v_scale),)
 
     def slot_of(self, positions: Array, valid: Array) -> Array:
         """int32 [B, S]: the slot of each new token, or `slots` (dropped) for a token not
@@ -85,24 +100,35 @@ class RingLayer:
         pos_dep = None if after is None else after[:, :, 0, 0]
         rows = jnp.arange(self.pos.shape[0])[:, None]
         pos = self.pos.at[rows, slots].set(ordered_after(plan.positions, pos_dep), mode="drop")
-        return dataclasses.replace(
+        quantized = self.k_scale is not None
+        (k_new, k_scale), (v_new, v_scale) = store(k_new, quantized), store(v_new, quantized)
+        out = dataclasses.replace(
             self,
             k=scatter_slots(self.k, k_new, slots, 3, after),
             v=scatter_slots(self.v, v_new, slots, 2, after),
             pos=pos,
         )
+        if not quantized:
+            return out
+        dep = None if after is None else after[..., 0]
+        return dataclasses.replace(
+            out,
+            k_scale=scatter_slots(self.k_scale, k_scale, slots, 2, dep),
+            v_scale=scatter_slots(self.v_scale, v_scale, slots, 2, dep),
+        )
 
     def reset(self) -> RingLayer:
         """Every slot empty, values zeroed (see jaxkv.cache.base)."""
-        return dataclasses.replace(self, v=jnp.zeros_like(self.v), pos=jnp.full_like(self.pos, -1))
+        everything = jnp.ones(self.pos.shape, bool)
+        return dataclasses.replace(
+            self, **zero_values(self, everything), pos=jnp.full_like(self.pos, -1)
+        )
 
     def truncate(self, keep: Array, table: Array | None = None) -> RingLayer:
         """Forget positions >= keep[b]; their values are zeroed."""
         freed = self.pos >= keep[:, None]
         return dataclasses.replace(
-            self,
-            v=jnp.where(freed[:, None, :, None], 0, self.v),
-            pos=jnp.where(freed, -1, self.pos),
+            self, **zero_values(self, freed), pos=jnp.where(freed, -1, self.pos)
         )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
