@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.cache import LayerCache, Segment, WritePlan
-from jaxkv.cache.quant import dequantize
+from jaxkv.cache.quant import dequantize, unpack
 from jaxkv.config import ModelConfig
 from jaxkv.layers import apply_rope
 
@@ -229,6 +229,8 @@ def _attend_one(
     by_reduction = _decode_by_reduction()
     scores, values = [], []
     for seg in segments:
+        if seg.k_scale is not None:  # int4: unpacked to int8 (no float copy of the cache)
+            seg = seg._replace(k=unpack(seg.k, 2), v=unpack(seg.v, 3))
         score = _reduced_scores if by_reduction else _einsum_scores("bngh,bnht->bngt")
         s = _segment_scores(q, q_sink, seg, score)
         if seg.k_scale is not None:  # int8 keys: one scale per slot multiplies its score

@@ -30,6 +30,7 @@ import numpy as np
 from jaxkv import checks
 from jaxkv.cache import Kind, KVCache, layer_kinds
 from jaxkv.cache.kinds import needs_capacity
+from jaxkv.cache.quant import storage_dtype
 from jaxkv.config import ModelConfig
 from jaxkv.loops import (
     DecodeState,
@@ -135,10 +136,10 @@ def _cache_layout(
                 "give one or the other"
             )
         held = cache.layers[0].k.dtype
-        if cache_dtype is not None and jnp.dtype(cache_dtype) != held:
+        if cache_dtype is not None and storage_dtype(cache_dtype) != held:
             raise ValueError(
-                f"cache_dtype={jnp.dtype(cache_dtype).name} was given with a cache of dtype "
-                f"{held}; give one or the other"
+                f"cache_dtype={cache_dtype} was given with a cache stored as {held}; give one "
+                "or the other"
             )
         return _Layout(cache, cache.capacity if cache.has_dense else None, None)
     capacity = checks.check_capacity(capacity) if capacity is not None else default_cap
@@ -175,6 +176,15 @@ def _loop_args(
     pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
     eos = np.asarray(checks.eos_tuple(eos_ids, config.vocab_size), np.int32)
     return max_new_tokens, sampling, eos, pad_id
+
+
+def _dtype_name(cache_dtype: Any) -> str | None:
+    """A hashable name of a cache dtype for the static Loop ("int4" kept as it is)."""
+    if cache_dtype is None:
+        return None
+    if isinstance(cache_dtype, str) and cache_dtype == "int4":
+        return cache_dtype
+    return jnp.dtype(cache_dtype).name
 
 
 def _span(reach: int, capacity: int | None) -> int | None:
@@ -218,7 +228,7 @@ def _request(
         steps=decode_groups(s, max_new_tokens - 1, layout.capacity or 0, dense),
         chunk=chunk,
         capacity=layout.capacity,
-        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
+        cache_dtype=_dtype_name(cache_dtype),
         kinds=layout.kinds,
         rules=rules,
     )
@@ -269,7 +279,7 @@ def prefill(
         config=config,
         chunk=chunk,
         capacity=layout.capacity,
-        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
+        cache_dtype=_dtype_name(cache_dtype),
         kinds=layout.kinds,
         rules=rules,
     )

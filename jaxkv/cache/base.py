@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxkv.cache.quant import is_quantized, quantize
+from jaxkv.cache.quant import is_quantized, packed, quantize
 
 Array = jax.Array
 
@@ -138,11 +138,13 @@ def scatter_slots(buf: Array, new: Array, slots: Array, axis: int, dep: Array | 
 
 
 def kv_zeros(batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype: Any) -> dict:
-    """Zeroed k [B, N, H, slots] and v [B, N, slots, H], and with int8 storage their scales
-    k_scale, v_scale [B, N, slots] (float32)."""
+    """Zeroed k [B, N, H, slots] and v [B, N, slots, H] of a storage dtype (for int4, H / 2
+    packed bytes), and with quantized storage their scales k_scale, v_scale [B, N, slots]
+    (float32)."""
+    h = head_dim // 2 if packed(dtype) else head_dim
     out = {
-        "k": jnp.zeros((batch, n_kv_heads, head_dim, slots), dtype),
-        "v": jnp.zeros((batch, n_kv_heads, slots, head_dim), dtype),
+        "k": jnp.zeros((batch, n_kv_heads, h, slots), dtype),
+        "v": jnp.zeros((batch, n_kv_heads, slots, h), dtype),
     }
     if is_quantized(dtype):
         out["k_scale"] = jnp.zeros((batch, n_kv_heads, slots), jnp.float32)
@@ -150,10 +152,13 @@ def kv_zeros(batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype: Any)
     return out
 
 
-def store(new: Array, quantized: bool) -> tuple[Array, Array | None]:
-    """What a layer stores for new keys or values ([B, S, N, H]): themselves, or with int8
-    storage (int8 [B, S, N, H], scales [B, S, N])."""
-    return quantize(new) if quantized else (new, None)
+def store(new: Array, buf: Array) -> tuple[Array, Array | None]:
+    """What a layer with buffer `buf` stores for new keys or values ([B, S, N, H]):
+    themselves, or quantized (int8 [B, S, N, H] or packed [B, S, N, H / 2], scales
+    [B, S, N])."""
+    if not is_quantized(buf.dtype):
+        return new, None
+    return quantize(new, pack=packed(buf.dtype))
 
 
 def zero_values(layer: Any, freed: Array) -> dict:

@@ -81,7 +81,9 @@ class DenseLayer:
     ) -> DenseLayer:
         """Store the new keys and values at slots [plan.index, plan.index + S)."""
         quantized = self.k_scale is not None
-        (k_new, k_scale), (v_new, v_scale) = store(k_new, quantized), store(v_new, quantized)
+        (k_new, k_scale), (v_new, v_scale) = store(k_new, self.k), store(v_new, self.v)
+        if after is not None:  # shaped like what is stored (int4 packs head_dim in halves)
+            after = after[..., : k_new.shape[-1]]
 
         def put(buf: Array, new: Array, perm: tuple[int, ...], axis: int) -> Array:
             dep = None if after is None else after.transpose(perm)

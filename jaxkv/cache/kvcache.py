@@ -34,6 +34,7 @@ import numpy as np
 from jaxkv.cache.base import WritePlan, write_slots
 from jaxkv.cache.dense import DenseLayer
 from jaxkv.cache.kinds import Dense, Kind, Window, layer_kinds, needs_capacity
+from jaxkv.cache.quant import packed, storage_dtype
 from jaxkv.cache.ring import RingLayer
 from jaxkv.config import ModelConfig
 
@@ -71,7 +72,11 @@ class KVCache:
         resolved = layer_kinds(config, kinds, capacity)
         if needs_capacity(resolved) and capacity is None:
             raise ValueError("a cache with dense layers needs a capacity (slots per row)")
-        dtype = jnp.dtype(dtype or config.dtype)
+        dtype = storage_dtype(dtype or config.dtype)
+        if packed(dtype) and config.head_dim % 2:
+            raise ValueError(
+                f"int4 storage packs head_dim in pairs; head_dim={config.head_dim} is odd"
+            )
         n, h = config.n_kv_heads, config.head_dim
         layers = []
         for kind in resolved:
@@ -236,8 +241,8 @@ class KVCache:
             )
         b, n, h = self.batch_size, config.n_kv_heads, config.head_dim
         for i, layer in enumerate(self.layers):
-            c = layer.slots
-            want = {"k": (b, n, h, c), "v": (b, n, c, h)}
+            c, stored = layer.slots, h // 2 if packed(layer.k.dtype) else h
+            want = {"k": (b, n, stored, c), "v": (b, n, c, stored)}
             dims = {
                 "k": f"(batch, n_kv_heads={n}, head_dim={h}, slots)",
                 "v": f"(batch, n_kv_heads={n}, slots, head_dim={h})",

@@ -101,7 +101,9 @@ class RingLayer:
         rows = jnp.arange(self.pos.shape[0])[:, None]
         pos = self.pos.at[rows, slots].set(ordered_after(plan.positions, pos_dep), mode="drop")
         quantized = self.k_scale is not None
-        (k_new, k_scale), (v_new, v_scale) = store(k_new, quantized), store(v_new, quantized)
+        (k_new, k_scale), (v_new, v_scale) = store(k_new, self.k), store(v_new, self.v)
+        if after is not None:  # shaped like what is stored (int4 packs head_dim in halves)
+            after = after[..., : k_new.shape[-1]]
         out = dataclasses.replace(
             self,
             k=scatter_slots(self.k, k_new, slots, 3, after),
