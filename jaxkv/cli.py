@@ -171,6 +171,7 @@ def _stream(
         key=args.seed,
         chunk_size=args.chunk_size,
         cache=_cache_kind(args, "jaxkv generate"),
+        cache_dtype=args.kv_dtype,
     )
     for chunk in stream:
         for row, toks in enumerate(chunk):
@@ -232,10 +233,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     mib = n_params * jax.numpy.dtype(config.dtype).itemsize / 2**20
     print(f"parameters: {n_params:,} ({mib:.1f} MiB in {config.dtype})")
     kind = _cache_kind(args, "jaxkv info")
-    nbytes = cache_memory_bytes(config, args.batch_size, args.capacity, kinds=kind)
-    shapes = jax.eval_shape(
-        lambda: KVCache.init(config, args.batch_size, args.capacity, None, kind)
-    )
+    dt = args.kv_dtype
+    nbytes = cache_memory_bytes(config, args.batch_size, args.capacity, dt, kind)
+    shapes = jax.eval_shape(lambda: KVCache.init(config, args.batch_size, args.capacity, dt, kind))
     print(
         f"KV cache for batch {args.batch_size} x capacity {args.capacity}: {nbytes:,} bytes "
         f"({nbytes / 2**20:.2f} MiB); layers: {shapes.describe()}"
@@ -358,6 +358,13 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float
 
 
 def _window_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-dtype",
+        choices=["float32", "bfloat16", "int8", "int4"],
+        default=None,
+        help="storage of the cached keys and values (default: the model's dtype); int8/int4 "
+        "keep a scale per token and head",
+    )
     p.add_argument(
         "--window",
         type=_positive_int,
