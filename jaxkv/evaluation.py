@@ -47,23 +47,30 @@ def eval_text() -> str:
     return "\n\n".join(paragraphs)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity", "kinds"))
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "kinds", "cache_dtype"))
 def _nll(
-    params: Params, tokens: Array, *, config: ModelConfig, capacity: int, kinds: Any = None
-) -> Array:
-    """Negative log-likelihood of tokens[1:] given everything before, fed one token per step."""
-    cache = KVCache.init(config, 1, capacity, kinds=kinds)
+    params: Params,
+    tokens: Array,
+    *,
+    config: ModelConfig,
+    capacity: int,
+    kinds: Any = None,
+    cache_dtype: str | None = None,
+) -> tuple[Array, Array]:
+    """Negative log-likelihood of tokens[1:] given everything before, fed one token per step,
+    and the most likely token at each step."""
+    cache = KVCache.init(config, 1, capacity, cache_dtype, kinds)
 
     def step(cache: KVCache, xs: tuple[Array, Array, Array]) -> tuple[KVCache, Array]:
         tok, nxt, pos = xs
         logits, cache = apply(params, config, tok[None, None], pos[None, None], cache)
         logp = jax.nn.log_softmax(logits[0, 0])
-        return cache, -logp[nxt]
+        return cache, (-logp[nxt], jnp.argmax(logp).astype(jnp.int32))
 
     n = tokens.shape[0] - 1
     xs = (tokens[:-1], tokens[1:], jnp.arange(n, dtype=jnp.int32))
-    _, nll = lax.scan(step, cache, xs)
-    return nll
+    _, (nll, top1) = lax.scan(step, cache, xs)
+    return nll, top1
 
 
 def perplexity(
@@ -73,10 +80,29 @@ def perplexity(
     *,
     capacity: int | None = None,
     cache: Kind | Sequence[Kind] | None = None,
+    cache_dtype: str | None = None,
 ) -> tuple[float, np.ndarray]:
     """(perplexity, per-token NLL [len - 1]) of one token sequence, scored token by token
     through a cache of `capacity` slots (default: the sequence length) of the kinds `cache`
-    picks (e.g. `Window(512, sinks=4)`; default: what the model's layers need)."""
+    picks (e.g. `Window(512, sinks=4)`; default: what the model's layers need) stored as
+    `cache_dtype` (e.g. "int8")."""
+    nll, _ = token_scores(
+        params, config, tokens, capacity=capacity, cache=cache, cache_dtype=cache_dtype
+    )
+    return math.exp(float(nll.mean())), nll
+
+
+def token_scores(
+    params: Params,
+    config: ModelConfig,
+    tokens: Any,
+    *,
+    capacity: int | None = None,
+    cache: Kind | Sequence[Kind] | None = None,
+    cache_dtype: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL of each next token [len - 1], the most likely next token at each step [len - 1]),
+    token by token through the cache (see `perplexity`)."""
     (row,) = checks.token_rows([tokens], config.vocab_size)
     if len(row) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {len(row)}")
@@ -85,17 +111,15 @@ def perplexity(
         raise ValueError(
             f"{len(row)} tokens need {len(row) - 1} cache slots, over the capacity {capacity}"
         )
-    nll = np.asarray(
-        _nll(
-            params,
-            jnp.asarray(row, jnp.int32),
-            config=config,
-            capacity=capacity,
-            kinds=None if cache is None else layer_kinds(config, cache, capacity),
-        ),
-        np.float64,
+    nll, top1 = _nll(
+        params,
+        jnp.asarray(row, jnp.int32),
+        config=config,
+        capacity=capacity,
+        kinds=None if cache is None else layer_kinds(config, cache, capacity),
+        cache_dtype=cache_dtype,
     )
-    return math.exp(float(nll.mean())), nll
+    return np.asarray(nll, np.float64), np.asarray(top1)
 
 
 def recompute_perplexity(

@@ -26,6 +26,11 @@ def test_cache_benchmarks_smoke(tmp_path):
     assert all(1 < r["ppl"] < 1e4 for r in out["ppl_under_budget"])
     assert 4.5 < out["hybrid_memory_ratio"] < 6
     assert out["cost_per_step"]["isolated_steps_sum_s"] > 0
+    quant = {r["dtype"]: r for r in out["kv_quant"]}
+    assert quant["int8"]["bytes_per_token"] < quant["float32"]["bytes_per_token"] / 3
+    assert quant["int4"]["bytes_per_token"] < quant["int8"]["bytes_per_token"]
+    assert quant["int8"]["top1_agreement"] > 0.9 and abs(quant["int8"]["ppl_delta"]) < 0.1
+    assert out["kv_quant_step_ratio"] > 0
     assert (tmp_path / "ppl_bundled.png").exists()
     md = caches.markdown(out)
     assert "Perplexity under a budget" in md and "sinks+window (cache positions)" in md

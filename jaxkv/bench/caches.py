@@ -144,6 +144,96 @@ def plot_curves(curves: dict[str, np.ndarray], title: str, path: Path, every: in
     plt.close(fig)
 
 
+def kv_quant(
+    config: ModelConfig, params: Params, tokens: np.ndarray, label: str
+) -> list[dict[str, Any]]:
+    """Quantized storage against the float cache, token by token over `tokens` (full cache):
+    perplexity change, top-1 agreement of the next-token argmax, bytes per cached token
+    (K, V and scales of every layer, positions included)."""
+    from jaxkv.cache import cache_memory_bytes
+    from jaxkv.evaluation import token_scores
+
+    n = len(tokens)
+
+    def per_token(dtype: str | None) -> float:
+        return (
+            cache_memory_bytes(config, 1, 2 * n, dtype) - cache_memory_bytes(config, 1, n, dtype)
+        ) / n
+
+    ref_nll, ref_top1 = token_scores(params, config, tokens)
+    ref_ppl = float(np.exp(ref_nll.mean()))
+    rows = [
+        {
+            "model": label,
+            "dtype": config.dtype,
+            "scales": "-",
+            "bytes_per_token": per_token(None),
+            "ppl": ref_ppl,
+            "ppl_delta": 0.0,
+            "top1_agreement": 1.0,
+        }
+    ]
+    for dtype in ("int8", "int4"):
+        t = time.perf_counter()
+        nll, top1 = token_scores(params, config, tokens, cache_dtype=dtype)
+        ppl = float(np.exp(nll.mean()))
+        _log(f"{label}: {dtype}: ppl {ppl:.4f} vs {ref_ppl:.4f} ({time.perf_counter() - t:.1f}s)")
+        rows.append(
+            {
+                "model": label,
+                "dtype": dtype,
+                "scales": "per token and KV head",
+                "bytes_per_token": per_token(dtype),
+                "ppl": ppl,
+                "ppl_delta": ppl - ref_ppl,
+                "top1_agreement": float((top1 == ref_top1).mean()),
+            }
+        )
+    return rows
+
+
+def kv_quant_step(name: str, position: int, capacity: int) -> dict[str, Any]:
+    """Decode step time of int8 and int4 caches against the float cache at `position` of
+    `capacity` (programs compiled first, then timed in alternation)."""
+    from jaxkv.bench.common import synthetic_state
+
+    config = preset(name)
+    params = random_params(config, jax.random.key(0), jnp.float32)
+    span = attention_span(position + 32, capacity)
+    loop = Loop(config=config, steps=((32, None if span >= capacity else span),))
+    eos, pad = np.zeros(0, np.int32), np.int32(0)
+    dtypes = (None, "int8", "int4")
+    progs = {
+        d: resume_jit.lower(
+            params,
+            synthetic_state(config, 1, position, capacity, cache_dtype=d),
+            eos,
+            pad,
+            None,
+            loop=loop,
+        ).compile()
+        for d in dtypes
+    }
+    times: dict[Any, list[float]] = {d: [] for d in dtypes}
+    for _ in range(5):
+        for d, prog in progs.items():
+            state = synthetic_state(config, 1, position, capacity, cache_dtype=d)
+            t = time.perf_counter()
+            jax.block_until_ready(prog(params, state, eos, pad, None))
+            times[d].append((time.perf_counter() - t) / 32)
+    best = {d: min(v) for d, v in times.items()}
+    return {
+        "model": name,
+        "position": position,
+        "capacity": capacity,
+        "step_ms_float": best[None] * 1e3,
+        "step_ms_int8": best["int8"] * 1e3,
+        "step_ms_int4": best["int4"] * 1e3,
+        "int8_over_float": best["int8"] / best[None],
+        "int4_over_float": best["int4"] / best[None],
+    }
+
+
 def hybrid(position: int, capacity: int = 32768) -> dict[str, Any]:
     """5 local layers (W = 1024) per global layer, against the same model all-dense."""
     types = ("sliding_attention",) * 5 + ("full_attention",)
@@ -283,6 +373,20 @@ def run(quick: bool, smoke: bool = False, out_dir: Path | None = None) -> dict[s
             )
     out["ppl_under_budget"] = rows
 
+    ids_q = np.asarray(tok_b.encode(heldout_sample(4 * n_text).decode("utf-8", "replace")))
+    out["kv_quant"] = kv_quant(cfg_b, params_b, ids_q[: n_text // 2], "bundled (held-out Python)")
+    if real is not None and not smoke:
+        ids_r = np.asarray(tok_r.encode(eval_text()))[: 512 if quick else 2048]
+        out["kv_quant"] += kv_quant(cfg_r, params_r, ids_r, "SmolLM2-135M (prose)")
+    points = [("test-gqa", 256, 512)] if smoke else [("llama-3m", 4096, 8192)]
+    if not smoke:
+        points.append(("llama-110m", 4096, 8192))
+    out["kv_quant_step"] = []
+    for name, position, capacity in points:
+        _log(f"quantized decode step: {name} at {position} of {capacity}")
+        out["kv_quant_step"].append(kv_quant_step(name, position, capacity))
+    out["kv_quant_step_ratio"] = out["kv_quant_step"][0]["int8_over_float"]
+
     _log("hybrid 5:1, W = 1024, capacity 32768")
     out["hybrid"] = hybrid(256 if smoke else 4096)
     out["hybrid_memory_ratio"] = out["hybrid"]["hybrid_memory_ratio"]
@@ -334,6 +438,25 @@ def markdown(result: dict[str, Any]) -> str:
         f"all-dense: **{hy['hybrid_memory_ratio']:.2f}x** less; step at position "
         f"{hy['position']}: {hy['step_ms_hybrid']:.3f} ms vs {hy['step_ms_dense']:.3f} ms "
         f"({hy['hybrid_step_ratio']:.2f}x).",
+        "",
+        "### Quantized storage (full cache, token by token)",
+        "",
+        "| model | dtype | scales | bytes/token | ppl | ppl change | top-1 agreement |",
+        "|---|---|---|---:|---:|---:|---:|",
+        *[
+            f"| {r['model']} | {r['dtype']} | {r['scales']} | {r['bytes_per_token']:.0f} | "
+            f"{r['ppl']:.4f} | {r['ppl_delta']:+.4f} | {r['top1_agreement']:.4f} |"
+            for r in result.get("kv_quant", [])
+        ],
+        "",
+        "| model | at / capacity | float ms | int8 ms | int4 ms | int8/float | int4/float |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *[
+            f"| {r['model']} | {r['position']} / {r['capacity']} | {r['step_ms_float']:.3f} | "
+            f"{r['step_ms_int8']:.3f} | {r['step_ms_int4']:.3f} | {r['int8_over_float']:.2f} | "
+            f"{r['int4_over_float']:.2f} |"
+            for r in result.get("kv_quant_step", [])
+        ],
         "",
         "### Cost per step follows the filled length",
         "",

@@ -129,23 +129,41 @@ def kv_bytes_read(config: ModelConfig, batch: int, filled: int, itemsize: int) -
 
 
 def synthetic_state(
-    config: ModelConfig, batch: int, position: int, capacity: int, seed: int = 0
+    config: ModelConfig,
+    batch: int,
+    position: int,
+    capacity: int,
+    seed: int = 0,
+    cache_dtype: str | None = None,
 ) -> DecodeState:
     """A decode state as if every row had `position` tokens stored (small random K/V), made
     without running (or compiling) a prefill. Decode speed does not depend on the values."""
     state = _synthetic_state(
-        jax.random.key(seed), config=config, batch=batch, position=position, capacity=capacity
+        jax.random.key(seed),
+        config=config,
+        batch=batch,
+        position=position,
+        capacity=capacity,
+        cache_dtype=cache_dtype,
     )
     jax.block_until_ready(state)
     return state
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch", "position", "capacity"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "batch", "position", "capacity", "cache_dtype")
+)
 def _synthetic_state(
-    key: jax.Array, *, config: ModelConfig, batch: int, position: int, capacity: int
+    key: jax.Array,
+    *,
+    config: ModelConfig,
+    batch: int,
+    position: int,
+    capacity: int,
+    cache_dtype: str | None,
 ) -> DecodeState:
     dtype = config.jnp_dtype
-    cache = KVCache.init(config, batch, capacity)
+    cache = KVCache.init(config, batch, capacity, cache_dtype)
     positions = jnp.arange(position, dtype=jnp.int32)
     plan = cache.plan_write(jnp.broadcast_to(positions, (batch, position)))
     shape = (batch, position, config.n_kv_heads, config.head_dim)
