@@ -1,6 +1,6 @@
 """jaxkv: fast autoregressive decoding in JAX/Flax around an explicit, immutable KV cache."""
 
-from jaxkv.cache import Dense, KVCache, LayerKV, Window, WritePlan, cache_memory_bytes
+from jaxkv.cache import Dense, Heavy, KVCache, LayerKV, Window, WritePlan, cache_memory_bytes
 from jaxkv.checkpoint import load_pretrained, save_pretrained
 from jaxkv.config import PRESETS, ModelConfig, preset
 from jaxkv.decode import (
@@ -28,6 +28,7 @@ __all__ = [
     "DecodeState",
     "Dense",
     "GenerationResult",
+    "Heavy",
     "KVCache",
     "LayerKV",
     "ModelConfig",

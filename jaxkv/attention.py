@@ -75,6 +75,19 @@ def attention_mask(q_pos: Array, k_pos: Array, window: int | None, sinks: int = 
     return mask
 
 
+def _segment_mask(q_pos: Array, pos: Array, window: int | None, sinks: int) -> Array:
+    """bool [B, n, 1, S, T]: the mask of queries q_pos [B, S] over a segment's positions,
+    [B, T] (n = 1) or per KV head [B, N, T] (n = N, e.g. H2O, whose heads keep different
+    tokens)."""
+    if pos.ndim == 2:
+        return attention_mask(q_pos, pos, window, sinks)[:, None, None]
+    qp, kp = q_pos[:, None, :, None], pos[:, :, None, :]  # [B, 1, S, 1], [B, N, 1, T]
+    mask = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        mask &= (kp > qp - window) | (kp < sinks)
+    return mask[:, :, None]
+
+
 def _masked_values(v: Array, pos: Array, axis: int) -> Array:
     """v with the slots of no position (empty, stale, rolled back) zeroed: a masked score gives
     weight 0, but 0 * NaN is NaN, so a stale NaN must not reach the product."""
@@ -125,7 +138,8 @@ def attend(
     window: int | None = None,
     sinks: int = 0,
     q_sink: Array | None = None,
-) -> Array:
+    probs: bool = False,
+) -> Array | tuple[Array, tuple[list[Array], Array]]:
     """Grouped-query attention of q over the new tokens and the stored segments.
 
     q: [B, S, N, G, H] (N KV heads with G query heads each, head dim H); q_pos: [B, S].
@@ -136,13 +150,18 @@ def attend(
     < sinks; None: every key is scored with q.
     One float32 softmax runs over the scores of every part without concatenating them, so
     attention never reads the buffer being written: XLA can then update it in place.
-    Returns [B, S, N, G, H].
+    Returns [B, S, N, G, H], and with `probs` also what score-based eviction accumulates:
+    the attention probability each stored slot received ([B, N, T] per segment) and each new
+    token received ([B, N, S]), summed over the queries of the block and over the query heads
+    of each KV head's group (padding queries excluded).
     """
     if q.shape[1] == 1:
         qs = None if q_sink is None else q_sink[:, 0]
-        return _attend_one(q[:, 0], q_pos[:, 0], new, segments, window, sinks, qs)[:, None]
+        res = _attend_one(q[:, 0], q_pos[:, 0], new, segments, window, sinks, qs, probs)
+        return (res[0][:, None], res[1]) if probs else res[:, None]
     segments = [_dequantized(seg, q.dtype) for seg in segments]  # many queries: worth it
-    impl = _fused_prefill(q.dtype) if q_sink is None else None
+    fusable = q_sink is None and not probs and all(seg.pos.ndim == 2 for seg in segments)
+    impl = _fused_prefill(q.dtype) if fusable else None
     if impl is not None:
         try:
             return _attend_fused(q, q_pos, new, segments, window, sinks, impl)
@@ -161,7 +180,7 @@ def attend(
     values = [(v, "bngst,btnh->bsngh")]
     for seg in segments:
         s = _segment_scores(q, q_sink, seg, _einsum_scores("bsngh,bnht->bngst"))
-        mask = attention_mask(q_pos, seg.pos, window, sinks)[:, None, None]
+        mask = _segment_mask(q_pos, seg.pos, window, sinks)
         scores.append(jnp.where(mask, s * scale, _MASKED))
         values.append((_masked_values(seg.v, seg.pos, 2), "bngst,bnth->bsngh"))
     top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
@@ -171,7 +190,11 @@ def attend(
     for w, (val, spec) in zip(weights, values, strict=True):
         p = (w / denom).astype(val.dtype)
         out = out + jnp.einsum(spec, p, val, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)
+    if not probs:
+        return out.astype(q.dtype)
+    real = (q_pos >= 0)[:, None, None, :, None]  # [B, 1, 1, S, 1]: padding queries vote not
+    got = [jnp.sum(jnp.where(real, w / denom, 0.0), axis=(2, 3)) for w in weights]
+    return out.astype(q.dtype), (got[1:], got[0])
 
 
 def _attend_fused(
@@ -216,16 +239,22 @@ def _attend_one(
     window: int | None,
     sinks: int,
     q_sink: Array | None,
-) -> Array:
+    probs: bool = False,
+) -> Array | tuple[Array, tuple[list[Array], Array]]:
     """`attend` for one query per row (decode): q [B, N, G, H], q_pos [B]; returns
-    [B, N, G, H]. The token's own key is an elementwise product; the stored keys are two
-    matrix products per KV head (or multiply-reduce, see DECODE_BY_REDUCTION)."""
+    [B, N, G, H] (and with `probs`, as `attend`: [B, N, T] per segment and [B, N, 1]). The
+    token's own key is an elementwise product; the stored keys are two matrix products per KV
+    head (or multiply-reduce, see DECODE_BY_REDUCTION)."""
     scale = q.shape[-1] ** -0.5
     qf = q.astype(jnp.float32)
     k, v = new[0][:, 0, :, None, :], new[1][:, 0, :, None, :]  # [B, N, 1, H]
     s_new = jnp.where(q_pos[:, None, None] >= 0, jnp.sum(qf * k, axis=-1) * scale, _MASKED)
     if not segments:  # the row sees only itself (or, as padding, nothing: an average)
-        return jnp.broadcast_to(v, q.shape).astype(q.dtype)
+        out = jnp.broadcast_to(v, q.shape).astype(q.dtype)
+        if not probs:
+            return out
+        own = jnp.where(q_pos >= 0, float(q.shape[2]), 0.0)  # each query head: probability 1
+        return out, ([], jnp.broadcast_to(own[:, None, None], (*q.shape[:2], 1)))
     by_reduction = _decode_by_reduction()
     scores, values = [], []
     for seg in segments:
@@ -235,7 +264,7 @@ def _attend_one(
         s = _segment_scores(q, q_sink, seg, score)
         if seg.k_scale is not None:  # int8 keys: one scale per slot multiplies its score
             s = s * seg.k_scale[:, :, None, :]
-        mask = attention_mask(q_pos[:, None], seg.pos, window, sinks)[:, :, None]  # [B,1,1,T]
+        mask = _segment_mask(q_pos[:, None], seg.pos, window, sinks)[:, :, :, 0]  # [B,n,1,T]
         scores.append(jnp.where(mask, s * scale, _MASKED))
         values.append((seg.v, seg.v_scale))  # empty slots hold zeros (jaxkv.cache.base)
     top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1) for s in scores])
@@ -243,8 +272,10 @@ def _attend_one(
     w_new = jnp.exp(s_new - top)
     denom = w_new
     o = w_new[..., None] * v.astype(jnp.float32)
+    ws = []
     for s, (cv, v_scale) in zip(scores, values, strict=True):
         w = jnp.exp(s - top[..., None])
+        ws.append(w)
         denom = denom + jnp.sum(w, axis=-1)
         if v_scale is not None:  # int8 values: each slot's scale folds into its weight
             w = w * v_scale[:, :, None, :]
@@ -255,7 +286,12 @@ def _attend_one(
             o = o + jnp.einsum(
                 "bngt,bnth->bngh", w.astype(wd), cv, preferred_element_type=jnp.float32
             )
-    return (o / denom[..., None]).astype(q.dtype)
+    out = (o / denom[..., None]).astype(q.dtype)
+    if not probs:
+        return out
+    real = (q_pos >= 0)[:, None, None]  # [B, 1, 1]
+    got = [jnp.sum(jnp.where(real[..., None], w / denom[..., None], 0.0), axis=2) for w in ws]
+    return out, (got, jnp.sum(jnp.where(real, w_new / denom, 0.0), axis=2)[..., None])
 
 
 def _narrower(a: int | None, b: int | None) -> int | None:
@@ -300,8 +336,12 @@ class Attention(nn.Module):
             if sinks and kv.sink_positions == "cache" and cfg.position == "rope":
                 in_cache = jnp.minimum(positions, sinks + window - 1)
                 q_sink = apply_rope(q_raw, in_cache, cfg.rope_theta, cfg.rope_scaling)
-        out = attend(q, positions, (k, v), segments, window, sinks, q_sink)
-        if kv is not None:  # stored after attention read the cache: updated in place
+        scored = getattr(kv, "needs_probs", False)  # score-based eviction (H2O)
+        out = attend(q, positions, (k, v), segments, window, sinks, q_sink, scored)
+        if scored:
+            out, probs = out
+            kv = kv.write(k, v, plan, after=out[:, :, :, 0], probs=probs)
+        elif kv is not None:  # stored after attention read the cache: updated in place
             kv = kv.write(k, v, plan, after=out[:, :, :, 0])
         wo = self.param("o", _init, (cfg.n_kv_heads, g, hd, cfg.d_model), jnp.float32)
         # A plain [B, S, H*hd] @ [H*hd, D] matmul: both reshapes are free (an einsum over

@@ -155,12 +155,14 @@ def cache_specs(rules: Rules) -> dict[str, P]:
 
 def constrain_cache(cache: Any, rules: Rules | None) -> Any:
     """The cache with its sharding pinned (inside jit), so no step reshards it. Every kind
-    follows one rule by rank: K/V buffers ([B, N, ...], rank 4) split rows and KV heads,
-    position tables ([B, T]) and lengths split rows, scalars are replicated."""
+    follows one rule by rank: K/V buffers ([B, N, ...], rank 4) and per-head tables (scales,
+    H2O's positions and scores, [B, N, T]) split rows and KV heads, position tables ([B, T])
+    and lengths split rows, scalars are replicated."""
     if rules is None:
         return cache
     s = cache_specs(rules)
-    by_rank = {4: s["kv"], 2: s["positions"], 1: s["lengths"], 0: s["index"]}
+    h = MODEL if rules.heads else None
+    by_rank = {4: s["kv"], 3: P(DATA, h, None), 2: s["positions"], 1: s["lengths"], 0: s["index"]}
 
     def pin(x: Any) -> Any:
         return jax.lax.with_sharding_constraint(x, rules.named(by_rank[x.ndim]))

@@ -2,6 +2,8 @@
 
 - `base`: the write plan, the `Segment`s attention reads, the `LayerCache` protocol;
 - `dense`: one slot per token up to a capacity (`DenseLayer`);
+- `heavy`: heavy hitters + recent tokens (H2O) per row and KV head (`HeavyLayer`);
+- `quant`: int8 / int4 storage, an option of every kind;
 - `ring`: a sliding window with optional attention sinks in a fixed number of slots
   (`RingLayer`);
 - `kinds`: what a user picks (`Dense()`, `Window(size, sinks=...)`) and how it resolves per
@@ -11,13 +13,16 @@
 
 from jaxkv.cache.base import LayerCache, Segment, WritePlan
 from jaxkv.cache.dense import DenseLayer, LayerKV
-from jaxkv.cache.kinds import Dense, Kind, Window, layer_kinds
+from jaxkv.cache.heavy import HeavyLayer
+from jaxkv.cache.kinds import Dense, Heavy, Kind, Window, layer_kinds
 from jaxkv.cache.kvcache import KVCache, cache_memory_bytes
 from jaxkv.cache.ring import RingLayer
 
 __all__ = [
     "Dense",
     "DenseLayer",
+    "Heavy",
+    "HeavyLayer",
     "KVCache",
     "Kind",
     "LayerCache",

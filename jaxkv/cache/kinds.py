@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from jaxkv.cache.heavy import POLICIES
 from jaxkv.cache.ring import SINK_POSITIONS
 from jaxkv.config import ModelConfig
 
@@ -50,7 +51,26 @@ class Window:
             )
 
 
-Kind = Dense | Window
+@dataclasses.dataclass(frozen=True)
+class Heavy:
+    """Heavy hitters + recent tokens (H2O) in `heavy + recent` slots per row and KV head:
+    the `recent` newest tokens and the `heavy` ones with the most accumulated attention.
+    `policy="random"` evicts at random instead (the baseline)."""
+
+    heavy: int
+    recent: int
+    policy: str = "h2o"
+
+    def __post_init__(self) -> None:
+        for name, low in (("heavy", 0), ("recent", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Heavy.{name} must be an int >= {low}, got {value!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"Heavy.policy must be one of {POLICIES}, got {self.policy!r}")
+
+
+Kind = Dense | Window | Heavy
 
 
 def layer_kinds(
@@ -66,15 +86,20 @@ def layer_kinds(
             else:
                 out.append(Window(w))
         return tuple(out)
-    if isinstance(kinds, (Dense, Window)):
+    if isinstance(kinds, (Dense, Window, Heavy)):
         kinds = (kinds,) * config.n_layers
     kinds = tuple(kinds)
     if len(kinds) != config.n_layers:
         raise ValueError(f"got {len(kinds)} cache kinds for a model of {config.n_layers} layers")
     out = []
     for i, kind in enumerate(kinds):
-        if not isinstance(kind, (Dense, Window)):
-            raise TypeError(f"cache kind of layer {i} must be Dense or Window, got {kind!r}")
+        if not isinstance(kind, (Dense, Window, Heavy)):
+            raise TypeError(f"cache kind of layer {i} must be Dense, Window or Heavy, got {kind!r}")
+        if isinstance(kind, Heavy) and config.layer_window(i) is not None:
+            raise ValueError(
+                f"layer {i} has a sliding window ({config.layer_window(i)}); heavy-hitter "
+                "eviction applies to full-attention layers"
+            )
         w = config.layer_window(i)
         if isinstance(kind, Window) and w is not None and kind.size > w:
             kind = dataclasses.replace(kind, size=w)

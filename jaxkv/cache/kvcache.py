@@ -33,8 +33,9 @@ import numpy as np
 
 from jaxkv.cache.base import WritePlan, write_slots
 from jaxkv.cache.dense import DenseLayer
-from jaxkv.cache.kinds import Dense, Kind, Window, layer_kinds, needs_capacity
-from jaxkv.cache.quant import packed, storage_dtype
+from jaxkv.cache.heavy import HeavyLayer
+from jaxkv.cache.kinds import Dense, Heavy, Kind, Window, layer_kinds, needs_capacity
+from jaxkv.cache.quant import is_quantized, packed, storage_dtype
 from jaxkv.cache.ring import RingLayer
 from jaxkv.config import ModelConfig
 
@@ -82,6 +83,15 @@ class KVCache:
         for kind in resolved:
             if isinstance(kind, Dense):
                 layers.append(DenseLayer.zeros(batch_size, capacity, n, h, dtype))
+            elif isinstance(kind, Heavy):
+                if is_quantized(dtype):
+                    raise ValueError(
+                        "heavy-hitter (H2O) layers store keys and values in the model's "
+                        f"precision; quantized storage ({dtype}) is not supported for them yet"
+                    )
+                layers.append(
+                    HeavyLayer.zeros(batch_size, kind.heavy, kind.recent, n, h, dtype, kind.policy)
+                )
             else:
                 layers.append(
                     RingLayer.zeros(batch_size, kind.size, n, h, dtype, kind.sinks, kind.positions)
@@ -124,6 +134,8 @@ class KVCache:
         for layer in self.layers:
             if isinstance(layer, DenseLayer):
                 name = f"dense(capacity={layer.slots})"
+            elif isinstance(layer, HeavyLayer):
+                name = f"{layer.policy}(heavy={layer.heavy}, recent={layer.recent})"
             else:
                 extra = f", sinks={layer.sinks}, {layer.sink_positions}" if layer.sinks else ""
                 name = f"ring(window={layer.window}{extra})"
@@ -276,4 +288,4 @@ def cache_memory_bytes(
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
-__all__ = ["Dense", "KVCache", "Window", "cache_memory_bytes"]
+__all__ = ["Dense", "Heavy", "KVCache", "Window", "cache_memory_bytes"]
