@@ -31,6 +31,11 @@ def test_cache_benchmarks_smoke(tmp_path):
     assert quant["int4"]["bytes_per_token"] < quant["int8"]["bytes_per_token"]
     assert quant["int8"]["top1_agreement"] > 0.9 and abs(quant["int8"]["ppl_delta"]) < 0.1
     assert out["kv_quant_step_ratio"] > 0
+    ev = {(r["policy"], r["budget_fraction"]) for r in out["eviction_ppl"]}
+    assert ev == {("full", 1.0)} | {
+        (p, f) for p in ("h2o", "sinks+window", "window", "random") for f in (0.2, 0.5)
+    }
+    assert "Eviction policies at a budget" in caches.markdown(out)
     assert (tmp_path / "ppl_bundled.png").exists()
     md = caches.markdown(out)
     assert "Perplexity under a budget" in md and "sinks+window (cache positions)" in md

@@ -144,6 +144,31 @@ def plot_curves(curves: dict[str, np.ndarray], title: str, path: Path, every: in
     plt.close(fig)
 
 
+def eviction_ppl(
+    config: ModelConfig, params: Params, tokens: np.ndarray, label: str
+) -> list[dict[str, Any]]:
+    """Perplexity token by token at 20% and 50% of the text length for H2O (half heavy, half
+    recent), sinks + window, window only, random eviction and the full cache."""
+    from jaxkv.cache import Heavy
+
+    n = len(tokens)
+    full, _ = perplexity(params, config, tokens, capacity=n)
+    rows = [{"model": label, "policy": "full", "budget_fraction": 1.0, "ppl": full}]
+    for frac in (0.2, 0.5):
+        b = int(n * frac)
+        policies = {
+            "h2o": Heavy(b // 2, b - b // 2),
+            "sinks+window": Window(b - SINKS, sinks=SINKS),
+            "window": Window(b),
+            "random": Heavy(b // 2, b - b // 2, "random"),
+        }
+        for name, kind in policies.items():
+            ppl, _ = perplexity(params, config, tokens, capacity=n, cache=kind)
+            _log(f"{label}: {name} at {frac:.0%} ({b} slots): ppl {ppl:.3f}")
+            rows.append({"model": label, "policy": name, "budget_fraction": frac, "ppl": ppl})
+    return rows
+
+
 def kv_quant(
     config: ModelConfig, params: Params, tokens: np.ndarray, label: str
 ) -> list[dict[str, Any]]:
@@ -374,6 +399,11 @@ def run(quick: bool, smoke: bool = False, out_dir: Path | None = None) -> dict[s
     out["ppl_under_budget"] = rows
 
     ids_q = np.asarray(tok_b.encode(heldout_sample(4 * n_text).decode("utf-8", "replace")))
+    n_ev = 128 if smoke else 1024 if quick else 2048
+    out["eviction_ppl"] = eviction_ppl(cfg_b, params_b, ids_q[:n_ev], "bundled (held-out Python)")
+    if real is not None and not smoke:
+        ids_r = np.asarray(tok_r.encode(eval_text()))[: 512 if quick else 2048]
+        out["eviction_ppl"] += eviction_ppl(cfg_r, params_r, ids_r, "SmolLM2-135M (prose)")
     out["kv_quant"] = kv_quant(cfg_b, params_b, ids_q[: n_text // 2], "bundled (held-out Python)")
     if real is not None and not smoke:
         ids_r = np.asarray(tok_r.encode(eval_text()))[: 512 if quick else 2048]
@@ -439,6 +469,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"{hy['position']}: {hy['step_ms_hybrid']:.3f} ms vs {hy['step_ms_dense']:.3f} ms "
         f"({hy['hybrid_step_ratio']:.2f}x).",
         "",
+        "### Eviction policies at a budget (token by token)",
+        "",
+        "| model | budget | full | h2o | sinks+window | window | random |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *_eviction_rows(result.get("eviction_ppl", [])),
+        "",
         "### Quantized storage (full cache, token by token)",
         "",
         "| model | dtype | scales | bytes/token | ppl | ppl change | top-1 agreement |",
@@ -468,3 +504,15 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _eviction_rows(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        full = next(r["ppl"] for r in mine if r["policy"] == "full")
+        for frac in sorted({r["budget_fraction"] for r in mine} - {1.0}):
+            got = {r["policy"]: r["ppl"] for r in mine if r["budget_fraction"] == frac}
+            cells = " | ".join(f"{got[p]:.3f}" for p in ("h2o", "sinks+window", "window", "random"))
+            out.append(f"| {model} | {frac:.0%} | {full:.3f} | {cells} |")
+    return out
