@@ -201,10 +201,18 @@ def _stream(
 
 
 def _cache_kind(args: argparse.Namespace, command: str) -> Any:
-    """The cache kind the --window / --sinks / --sink-positions flags pick (None: the model's
-    own layers decide)."""
-    from jaxkv.cache import Window
+    """The cache kind the --window / --sinks / --sink-positions / --h2o flags pick (None: the
+    model's own layers decide)."""
+    from jaxkv.cache import Heavy, Window
 
+    if args.h2o is not None:
+        if args.window is not None:
+            raise UsageError(f"{command}: give --window or --h2o, not both")
+        try:
+            heavy, recent = (int(x) for x in args.h2o.split(","))
+            return Heavy(heavy, recent)
+        except ValueError as e:
+            raise UsageError(f"{command}: --h2o takes HEAVY,RECENT (ints): {e}") from None
     if args.window is None:
         if args.sinks:
             raise UsageError(f"{command}: --sinks needs --window")
@@ -373,6 +381,12 @@ def _window_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--sinks", type=int, default=0, help="with --window: keep each row's first SINKS tokens"
+    )
+    p.add_argument(
+        "--h2o",
+        metavar="HEAVY,RECENT",
+        default=None,
+        help="bound every layer's cache to HEAVY heavy-hitter + RECENT newest tokens (H2O)",
     )
     p.add_argument(
         "--sink-positions",

@@ -78,6 +78,17 @@ def test_info_reports_config_params_and_cache_memory():
     assert f"{2 * 4 * 4 * 1024 * 4 * 32 * 4 + 4 * 4 * 1024 + 4 * 4 + 4:,} bytes" in out.stdout
 
 
+def test_info_reports_memory_per_cache_kind(capsys):
+    assert cli.main(["info", "--capacity", "1024", "--window", "60", "--sinks", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "4 x ring(window=60, sinks=4, cache)" in out and "RingLayer:" in out
+    assert cli.main(["info", "--h2o", "48,16", "--kv-dtype", "float32"]) == 0
+    assert "4 x h2o(heavy=48, recent=16)" in capsys.readouterr().out
+    assert cli.main(["info", "--capacity", "1024", "--kv-dtype", "int8"]) == 0
+    # int8 K/V + a float32 scale per token and head: 4 layers * 4 heads * (2 * 32 + 8) bytes
+    assert f"{1024 * (4 * 4 * (2 * 32 + 8)) + 4 * 1024 + 8:,} bytes" in capsys.readouterr().out
+
+
 def test_bad_flags_exit_2_with_one_line_subprocess():
     out = _run("generate", "x", "--temperature", "-1")
     assert out.returncode == 2
@@ -100,6 +111,10 @@ def test_bad_flags_exit_2_with_one_line_subprocess():
         (["generate", "x", "--bogus"], "unrecognized arguments: --bogus"),
         (["generate", "x", "--min-p", "1"], "min_p must be in [0, 1), got 1.0"),
         (["info", "--capacity", "-5"], "expected a positive integer, got -5"),
+        (["generate", "x", "--h2o", "3"], "--h2o takes HEAVY,RECENT"),
+        (["generate", "x", "--sinks", "4"], "--sinks needs --window"),
+        (["generate", "x", "--window", "8", "--h2o", "4,4"], "give --window or --h2o"),
+        (["info", "--window", "8", "--sinks", "-1"], "Window.sinks must be >= 0"),
         (["frobnicate"], "invalid choice"),
         ([], "required: command"),
     ],
