@@ -129,7 +129,7 @@ def recompute_perplexity(
     *,
     sinks: int,
     window: int,
-    batch: int = 32,
+    batch: int | None = None,
     stride: int = 1,
 ) -> tuple[float, np.ndarray]:
     """The recompute oracle of a sinks + window cache: token t + 1 is scored by the uncached
@@ -137,12 +137,16 @@ def recompute_perplexity(
     (every layer recomputed from the kept tokens alone; StreamingLLM's "sliding window with
     re-computation" baseline, with sinks): one forward of sinks + window tokens per scored
     token, so `stride` > 1 scores every stride-th token only (a sample, for large models).
-    Returns (perplexity, NLL of the scored tokens)."""
+    Windows run `batch` at a time (default: as many as keep the scores small; 32 windows of
+    1152 tokens were killed for memory here). Returns (perplexity, NLL of the scored
+    tokens)."""
     from jaxkv.model import forward
 
     (row,) = checks.token_rows([tokens], config.vocab_size)
     scored = np.arange(0, len(row) - 1, stride)
     n, width = len(scored), sinks + window
+    if batch is None:  # scores of one forward stay near 2**22 elements per head and layer
+        batch = max(1, min(32, (1 << 22) // (width * width)))
     windows = np.zeros((n, width), np.int32)
     positions = np.full((n, width), -1, np.int32)
     last = np.zeros(n, np.int64)
