@@ -298,7 +298,9 @@ def test_cache_kind_arguments_are_validated():
         jaxkv.generate(
             params, cfg, [[1]], max_new_tokens=2, capacity=8, cache=jaxkv.KVCache.init(cfg, 1, 16)
         )
-    with pytest.raises(ValueError, match="cache_dtype=bfloat16 was given with a cache stored as float32"):
+    with pytest.raises(
+        ValueError, match="cache_dtype=bfloat16 was given with a cache stored as float32"
+    ):
         jaxkv.generate(
             params,
             cfg,
