@@ -1,6 +1,15 @@
 """jaxkv: fast autoregressive decoding in JAX/Flax around an explicit, immutable KV cache."""
 
-from jaxkv.cache import Dense, Heavy, KVCache, LayerKV, Window, WritePlan, cache_memory_bytes
+from jaxkv.cache import (
+    Dense,
+    Heavy,
+    KVCache,
+    LayerKV,
+    SnapKV,
+    Window,
+    WritePlan,
+    cache_memory_bytes,
+)
 from jaxkv.checkpoint import load_pretrained, save_pretrained
 from jaxkv.config import PRESETS, ModelConfig, preset
 from jaxkv.decode import (
@@ -33,6 +42,7 @@ __all__ = [
     "LayerKV",
     "ModelConfig",
     "SamplingConfig",
+    "SnapKV",
     "Tokenizer",
     "Transformer",
     "Window",

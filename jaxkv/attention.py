@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.cache import LayerCache, Segment, WritePlan
+from jaxkv.cache.base import Received
 from jaxkv.cache.quant import dequantize, unpack
 from jaxkv.config import ModelConfig
 from jaxkv.layers import apply_rope
@@ -139,7 +140,8 @@ def attend(
     sinks: int = 0,
     q_sink: Array | None = None,
     probs: bool = False,
-) -> Array | tuple[Array, tuple[list[Array], Array]]:
+    vote: int = 0,
+) -> Array | tuple[Array, Received]:
     """Grouped-query attention of q over the new tokens and the stored segments.
 
     q: [B, S, N, G, H] (N KV heads with G query heads each, head dim H); q_pos: [B, S].
@@ -150,10 +152,11 @@ def attend(
     < sinks; None: every key is scored with q.
     One float32 softmax runs over the scores of every part without concatenating them, so
     attention never reads the buffer being written: XLA can then update it in place.
-    Returns [B, S, N, G, H], and with `probs` also what score-based eviction accumulates:
-    the attention probability each stored slot received ([B, N, T] per segment) and each new
-    token received ([B, N, S]), summed over the queries of the block and over the query heads
-    of each KV head's group (padding queries excluded).
+    Returns [B, S, N, G, H], and with `probs` also what score-based eviction accumulates
+    (`Received`: the probability each stored slot and each new token received, summed over
+    the block's queries and each KV head's group of query heads), with `vote` > 0 also the
+    same sums over the last `vote` positions of each row's block (SnapKV's observation
+    window; blocks of many queries only).
     """
     if q.shape[1] == 1:
         qs = None if q_sink is None else q_sink[:, 0]
@@ -194,7 +197,12 @@ def attend(
         return out.astype(q.dtype)
     real = (q_pos >= 0)[:, None, None, :, None]  # [B, 1, 1, S, 1]: padding queries vote not
     got = [jnp.sum(jnp.where(real, w / denom, 0.0), axis=(2, 3)) for w in weights]
-    return out.astype(q.dtype), (got[1:], got[0])
+    if not vote:
+        return out.astype(q.dtype), Received(got[1:], got[0])
+    last = jnp.max(q_pos, axis=1, keepdims=True)  # [B, 1]: each row's newest position
+    voter = ((q_pos >= 0) & (q_pos > last - vote))[:, None, None, :, None]
+    votes = [jnp.sum(jnp.where(voter, w / denom, 0.0), axis=(2, 3)) for w in weights]
+    return out.astype(q.dtype), Received(got[1:], got[0], votes[1:], votes[0])
 
 
 def _attend_fused(
@@ -240,7 +248,7 @@ def _attend_one(
     sinks: int,
     q_sink: Array | None,
     probs: bool = False,
-) -> Array | tuple[Array, tuple[list[Array], Array]]:
+) -> Array | tuple[Array, Received]:
     """`attend` for one query per row (decode): q [B, N, G, H], q_pos [B]; returns
     [B, N, G, H] (and with `probs`, as `attend`: [B, N, T] per segment and [B, N, 1]). The
     token's own key is an elementwise product; the stored keys are two matrix products per KV
@@ -254,7 +262,7 @@ def _attend_one(
         if not probs:
             return out
         own = jnp.where(q_pos >= 0, float(q.shape[2]), 0.0)  # each query head: probability 1
-        return out, ([], jnp.broadcast_to(own[:, None, None], (*q.shape[:2], 1)))
+        return out, Received([], jnp.broadcast_to(own[:, None, None], (*q.shape[:2], 1)))
     by_reduction = _decode_by_reduction()
     scores, values = [], []
     for seg in segments:
@@ -291,7 +299,7 @@ def _attend_one(
         return out
     real = (q_pos >= 0)[:, None, None]  # [B, 1, 1]
     got = [jnp.sum(jnp.where(real[..., None], w / denom[..., None], 0.0), axis=2) for w in ws]
-    return out, (got, jnp.sum(jnp.where(real, w_new / denom, 0.0), axis=2)[..., None])
+    return out, Received(got, jnp.sum(jnp.where(real, w_new / denom, 0.0), axis=2)[..., None])
 
 
 def _narrower(a: int | None, b: int | None) -> int | None:
@@ -336,8 +344,9 @@ class Attention(nn.Module):
             if sinks and kv.sink_positions == "cache" and cfg.position == "rope":
                 in_cache = jnp.minimum(positions, sinks + window - 1)
                 q_sink = apply_rope(q_raw, in_cache, cfg.rope_theta, cfg.rope_scaling)
-        scored = getattr(kv, "needs_probs", False)  # score-based eviction (H2O)
-        out = attend(q, positions, (k, v), segments, window, sinks, q_sink, scored)
+        scored = getattr(kv, "needs_probs", False)  # score-based eviction (H2O, SnapKV)
+        vote = getattr(kv, "vote_queries", 0)
+        out = attend(q, positions, (k, v), segments, window, sinks, q_sink, scored, vote)
         if scored:
             out, probs = out
             kv = kv.write(k, v, plan, after=out[:, :, :, 0], probs=probs)

@@ -201,13 +201,22 @@ def _stream(
 
 
 def _cache_kind(args: argparse.Namespace, command: str) -> Any:
-    """The cache kind the --window / --sinks / --sink-positions / --h2o flags pick (None: the
-    model's own layers decide)."""
-    from jaxkv.cache import Heavy, Window
+    """The cache kind the --window / --sinks / --sink-positions / --h2o / --snapkv flags pick
+    (None: the model's own layers decide)."""
+    from jaxkv.cache import Heavy, SnapKV, Window
 
+    picked = [f for f in ("window", "h2o", "snapkv") if getattr(args, f) is not None]
+    if len(picked) > 1:
+        raise UsageError(f"{command}: give one of --window, --h2o, --snapkv, not {picked}")
+    if args.snapkv is not None:
+        try:
+            budget, *window = (int(x) for x in args.snapkv.split(","))
+            if len(window) > 1:
+                raise ValueError(f"{args.snapkv!r} has more than two numbers")
+            return SnapKV(budget, *window, decode=args.snapkv_decode)
+        except ValueError as e:
+            raise UsageError(f"{command}: --snapkv takes BUDGET[,WINDOW] (ints): {e}") from None
     if args.h2o is not None:
-        if args.window is not None:
-            raise UsageError(f"{command}: give --window or --h2o, not both")
         try:
             heavy, recent = (int(x) for x in args.h2o.split(","))
             return Heavy(heavy, recent)
@@ -387,6 +396,19 @@ def _window_flags(p: argparse.ArgumentParser) -> None:
         metavar="HEAVY,RECENT",
         default=None,
         help="bound every layer's cache to HEAVY heavy-hitter + RECENT newest tokens (H2O)",
+    )
+    p.add_argument(
+        "--snapkv",
+        metavar="BUDGET[,WINDOW]",
+        default=None,
+        help="compress prompts longer than BUDGET tokens per layer with SnapKV (the last "
+        "WINDOW queries, default 32, vote on what to keep)",
+    )
+    p.add_argument(
+        "--snapkv-decode",
+        choices=["h2o", "ring"],
+        default="h2o",
+        help="with --snapkv: how generation continues in the budget",
     )
     p.add_argument(
         "--sink-positions",

@@ -53,12 +53,14 @@ def _layer0_qk(params, cfg, tokens):
     return rope(q, (t, 1, 1, -1)), rope(k, (t, 1, -1))
 
 
-def _reference_slots(q, k, prompt_len, steps, heavy, recent):
+def _reference_slots(q, k, prompt_len, steps, heavy, recent, kept=None):
     """Positions each KV head keeps after every decode step: attention of each new query over
     the kept keys and itself, probabilities summed over the group's query heads and
-    accumulated; when full, the lowest score outside the recent window is evicted."""
+    accumulated; when full, the lowest score outside the recent window is evicted. `kept`:
+    what each head kept of the prompt (default: all of it; the prompt's scores are its
+    column sums either way)."""
     n, size = k.shape[1], heavy + recent
-    kept = [list(range(prompt_len)) for _ in range(n)]
+    kept = [list(range(prompt_len)) for _ in range(n)] if kept is None else kept
     score = [dict.fromkeys(range(prompt_len), 0.0) for _ in range(n)]
     # The prompt (shorter than the budget) is fed as one block: every query votes.
     for t in range(prompt_len):
@@ -69,6 +71,7 @@ def _reference_slots(q, k, prompt_len, steps, heavy, recent):
             p /= p.sum(-1, keepdims=True)
             for j, pos in enumerate(keys):
                 score[h][pos] += p[:, j].sum()
+    score = [{pos: score[h][pos] for pos in kept[h]} for h in range(n)]
     out = []
     for t in range(prompt_len, prompt_len + steps):
         for h in range(n):

@@ -56,6 +56,19 @@ class Segment(NamedTuple):
     v_scale: Array | None = None
 
 
+class Received(NamedTuple):
+    """What attention hands a score-based cache (`needs_probs`): the attention probability
+    each stored slot (`stored`, [B, N, T] per segment) and each new token (`new`, [B, N, S])
+    received, summed over the block's queries and over the query heads of each KV head's
+    group (padding queries excluded). With `vote_queries` > 0 (SnapKV), `vote_stored` and
+    `vote_new` sum the same over only the last `vote_queries` positions of each row's block."""
+
+    stored: list
+    new: Array
+    vote_stored: list | None = None
+    vote_new: Array | None = None
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class WritePlan:

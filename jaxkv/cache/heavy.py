@@ -18,6 +18,17 @@ prefill included.
 
 `policy="random"` evicts by a fixed pseudo-random score of each position instead (the
 baseline any policy must beat), through the same code.
+
+SnapKV (`snap_kernel` > 0, the `SnapKV` kind): a block instead keeps what its last `recent`
+queries (the observation window, per row: its `recent` newest positions) attend to. Their
+probabilities (summed over the window's queries and the group's query heads) are the votes
+of every older candidate, stored or new; the votes are averaged over a kernel of
+`snap_kernel` neighbouring positions (zero beyond the candidates and for the window itself,
+as SnapKV's `avg_pool1d(padding=kernel // 2)`), and the top `heavy` are kept beside the
+window. Decode then continues as H2O (`policy="h2o"`, the scores accumulated from every
+query) or as a ring (`policy="ring"`: the block's selected tokens stay, the oldest of the
+others is evicted; `score` then holds 1 for a selected slot, 0 otherwise). With a chunked
+prefill each chunk is a block, voted on by its own last queries.
 """
 
 from __future__ import annotations
@@ -29,16 +40,39 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxkv.cache.base import Segment, WritePlan, kv_zeros, ordered_after
+from jaxkv.cache.base import Received, Segment, WritePlan, kv_zeros, ordered_after
 
 Array = jax.Array
 POLICIES = ("h2o", "random")
+SNAP_DECODE = ("h2o", "ring")
 
 
 def _random_score(pos: Array) -> Array:
     """A fixed pseudo-random score in [0, 1) of each position (the random-eviction baseline)."""
     x = jnp.sin(pos.astype(jnp.float32) * 12.9898 + 78.233) * 43758.5453
     return x - jnp.floor(x)
+
+
+def pool_by_position(pos: Array, x: Array, kernel: int) -> Array:
+    """Average of x over the `kernel` positions centred on each candidate's (pos [..., T],
+    distinct per row, -1 empty; x [..., T] in the same order), absent positions counting 0:
+    `avg_pool1d(x, kernel, stride=1, padding=kernel // 2)` over a sequence of positions,
+    whatever order the slots hold them in."""
+    half = kernel // 2
+    order = jnp.argsort(pos, axis=-1)
+    sp = jnp.take_along_axis(pos, order, axis=-1)
+    sx = jnp.take_along_axis(x, order, axis=-1)
+    pad = [(0, 0)] * (pos.ndim - 1) + [(half, half)]
+    pp = jnp.pad(sp, pad, constant_values=-1)
+    px = jnp.pad(sx, pad)
+    n = pos.shape[-1]
+    total = jnp.zeros_like(sx)
+    for d in range(kernel):  # neighbours at sorted offsets -half..half
+        p_d, x_d = pp[..., d : d + n], px[..., d : d + n]
+        near = (p_d >= 0) & (sp >= 0) & (jnp.abs(p_d - sp) <= half)
+        total = total + jnp.where(near, x_d, 0.0)
+    inverse = jnp.argsort(order, axis=-1)
+    return jnp.take_along_axis(total / kernel, inverse, axis=-1)
 
 
 @jax.tree_util.register_dataclass
@@ -55,6 +89,7 @@ class HeavyLayer:
     heavy: int = dataclasses.field(metadata=dict(static=True), default=0)
     recent: int = dataclasses.field(metadata=dict(static=True), default=1)
     policy: str = dataclasses.field(metadata=dict(static=True), default="h2o")
+    snap_kernel: int = dataclasses.field(metadata=dict(static=True), default=0)
     window = None
     sinks = 0
     sink_positions = "original"
@@ -72,6 +107,7 @@ class HeavyLayer:
         head_dim: int,
         dtype: Any,
         policy: str = "h2o",
+        snap_kernel: int = 0,
     ) -> HeavyLayer:
         slots = heavy + recent
         return cls(
@@ -81,11 +117,25 @@ class HeavyLayer:
             heavy=heavy,
             recent=recent,
             policy=policy,
+            snap_kernel=snap_kernel,
         )
 
     @property
     def slots(self) -> int:
         return self.pos.shape[-1]
+
+    @property
+    def vote_queries(self) -> int:
+        """How many of a block's last positions vote (SnapKV's window; 0: no vote)."""
+        return self.recent if self.snap_kernel else 0
+
+    def describe(self) -> str:
+        if self.snap_kernel:
+            return (
+                f"snapkv(budget={self.slots}, window={self.recent}, kernel={self.snap_kernel}, "
+                f"decode={self.policy})"
+            )
+        return f"{self.policy}(heavy={self.heavy}, recent={self.recent})"
 
     def segments(self, plan: WritePlan, span: int | None) -> tuple[Segment, ...]:
         if span == 0:
@@ -93,7 +143,11 @@ class HeavyLayer:
         return (Segment(self.k, self.v, self.pos),)
 
     def _scores(self, acc: Array, pos: Array) -> Array:
-        return _random_score(pos) if self.policy == "random" else acc
+        """What decode evicts the lowest of: accumulated attention (h2o), a fixed random
+        score (random), or the position (ring: the oldest)."""
+        if self.policy == "random":
+            return _random_score(pos)
+        return pos.astype(jnp.float32) if self.policy == "ring" else acc
 
     def write(
         self,
@@ -101,13 +155,14 @@ class HeavyLayer:
         v_new: Array,
         plan: WritePlan,
         after: Array | None = None,
-        probs: tuple[list[Array], Array] | None = None,
+        probs: Received | None = None,
     ) -> HeavyLayer:
-        seg_probs, new_probs = probs
-        acc = self.score + seg_probs[0] if seg_probs else self.score
+        ring = self.policy == "ring"
+        acc = self.score + probs.stored[0] if probs.stored and not ring else self.score
         if k_new.shape[1] == 1:
-            return self._write_one(k_new, v_new, plan, after, acc, new_probs[:, :, 0])
-        return self._write_block(k_new, v_new, plan, acc, new_probs)
+            new = jnp.zeros_like(probs.new[:, :, 0]) if ring else probs.new[:, :, 0]
+            return self._write_one(k_new, v_new, plan, after, acc, new)
+        return self._write_block(k_new, v_new, plan, acc, probs)
 
     def _write_one(
         self, k_new: Array, v_new: Array, plan: WritePlan, after: Array | None, acc, new_prob
@@ -116,6 +171,8 @@ class HeavyLayer:
         acc = jnp.where(valid[:, None, None], acc, self.score)
         free = self.pos < 0
         protected = self.pos > p[:, None, None] - self.recent  # the recent window, new included
+        if self.policy == "ring":  # the oldest slot not selected by the last block
+            protected = self.score > 0
         ranked = jnp.where(protected | free, jnp.inf, self._scores(acc, self.pos))
         slot = jnp.where(jnp.any(free, -1), jnp.argmax(free, -1), jnp.argmin(ranked, -1))
         slot = jnp.where(valid[:, None], slot, self.slots).astype(jnp.int32)  # [B, N]
@@ -135,16 +192,25 @@ class HeavyLayer:
         )
 
     def _write_block(
-        self, k_new: Array, v_new: Array, plan: WritePlan, acc: Array, new_probs: Array
+        self, k_new: Array, v_new: Array, plan: WritePlan, acc: Array, probs: Received
     ) -> HeavyLayer:
         n = self.pos.shape[1]
         new_pos = jnp.where(plan.valid, plan.positions, -1)[:, None, :]  # [B, 1, S]
         new_pos = jnp.broadcast_to(new_pos, (new_pos.shape[0], n, new_pos.shape[2]))
         pos = jnp.concatenate([self.pos, new_pos], axis=-1)  # [B, N, T + S]
-        score = jnp.concatenate([acc, jnp.where(new_pos >= 0, new_probs, 0.0)], axis=-1)
+        score = jnp.concatenate([acc, jnp.where(new_pos >= 0, probs.new, 0.0)], axis=-1)
         last = jnp.max(pos, axis=-1, keepdims=True)
-        recent = pos > last - self.recent
-        rank = jnp.where(recent, jnp.inf, self._scores(score, pos))
+        recent = (pos > last - self.recent) & (pos >= 0)
+        if self.snap_kernel:  # SnapKV: the window's pooled votes rank the older candidates
+            stored = probs.vote_stored[0] if probs.vote_stored else jnp.zeros_like(acc)
+            votes = jnp.concatenate([stored, probs.vote_new], axis=-1)
+            votes = jnp.where(recent | (pos < 0), 0.0, votes)
+            rank = pool_by_position(pos, votes, self.snap_kernel)
+        else:
+            rank = self._scores(score, pos)
+        if self.policy == "ring":  # selected: 1, the window: 0 (evicted oldest first)
+            score = jnp.where(recent, 0.0, 1.0)
+        rank = jnp.where(recent, jnp.inf, rank)
         rank = jnp.where(pos < 0, -jnp.inf, rank)
         _, keep = lax.top_k(rank, self.slots)  # [B, N, T]
         k = jnp.concatenate([self.k, k_new.transpose(0, 2, 3, 1).astype(self.k.dtype)], axis=3)

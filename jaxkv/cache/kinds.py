@@ -1,5 +1,5 @@
-"""Cache kinds as a user picks them: `Dense()` and `Window(size, sinks=...)`, resolved into
-one layer kind per layer of a model.
+"""Cache kinds as a user picks them: `Dense()`, `Window(size, sinks=...)`, `Heavy(heavy,
+recent)` and `SnapKV(budget)`, resolved into one layer kind per layer of a model.
 
 By default (`kinds=None`) each layer gets what its attention needs: a full-attention layer a
 dense cache of `capacity` slots, a sliding-window layer (`ModelConfig.sliding_window` /
@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from jaxkv.cache.heavy import POLICIES
+from jaxkv.cache.heavy import POLICIES, SNAP_DECODE
 from jaxkv.cache.ring import SINK_POSITIONS
 from jaxkv.config import ModelConfig
 
@@ -70,7 +70,38 @@ class Heavy:
             raise ValueError(f"Heavy.policy must be one of {POLICIES}, got {self.policy!r}")
 
 
-Kind = Dense | Window | Heavy
+@dataclasses.dataclass(frozen=True)
+class SnapKV:
+    """Prefill compression (SnapKV) in `budget` slots per row and KV head: when a block (a
+    prompt, a chunk of one, an extension) does not fit, its last `window` queries vote on
+    what each KV head keeps; their attention, averaged over `kernel` neighbouring positions,
+    picks the top `budget - window` older tokens, kept beside the window. Decoding then
+    continues in the budget by `decode`: "h2o" (heavy hitters, `window` recent slots) or
+    "ring" (the selected tokens stay; the others slide as a window)."""
+
+    budget: int
+    window: int = 32
+    kernel: int = 7
+    decode: str = "h2o"
+
+    def __post_init__(self) -> None:
+        for name, low in (("budget", 2), ("window", 1), ("kernel", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"SnapKV.{name} must be an int >= {low}, got {value!r}")
+        if self.window >= self.budget:
+            raise ValueError(
+                f"SnapKV.window ({self.window}) must be smaller than the budget ({self.budget}): "
+                "the budget holds the window plus the selected tokens"
+            )
+        if self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV.kernel must be odd (centred pooling), got {self.kernel}")
+        if self.decode not in SNAP_DECODE:
+            raise ValueError(f"SnapKV.decode must be one of {SNAP_DECODE}, got {self.decode!r}")
+
+
+Kind = Dense | Window | Heavy | SnapKV
+KINDS = (Dense, Window, Heavy, SnapKV)
 
 
 def layer_kinds(
@@ -86,19 +117,22 @@ def layer_kinds(
             else:
                 out.append(Window(w))
         return tuple(out)
-    if isinstance(kinds, (Dense, Window, Heavy)):
+    if isinstance(kinds, KINDS):
         kinds = (kinds,) * config.n_layers
     kinds = tuple(kinds)
     if len(kinds) != config.n_layers:
         raise ValueError(f"got {len(kinds)} cache kinds for a model of {config.n_layers} layers")
     out = []
     for i, kind in enumerate(kinds):
-        if not isinstance(kind, (Dense, Window, Heavy)):
-            raise TypeError(f"cache kind of layer {i} must be Dense, Window or Heavy, got {kind!r}")
-        if isinstance(kind, Heavy) and config.layer_window(i) is not None:
+        if not isinstance(kind, KINDS):
+            raise TypeError(
+                f"cache kind of layer {i} must be Dense, Window, Heavy or SnapKV, got {kind!r}"
+            )
+        if isinstance(kind, (Heavy, SnapKV)) and config.layer_window(i) is not None:
+            name = "heavy-hitter eviction" if isinstance(kind, Heavy) else "SnapKV"
             raise ValueError(
-                f"layer {i} has a sliding window ({config.layer_window(i)}); heavy-hitter "
-                "eviction applies to full-attention layers"
+                f"layer {i} has a sliding window ({config.layer_window(i)}); {name} applies "
+                "to full-attention layers"
             )
         w = config.layer_window(i)
         if isinstance(kind, Window) and w is not None and kind.size > w:

@@ -34,7 +34,7 @@ import numpy as np
 from jaxkv.cache.base import WritePlan, write_slots
 from jaxkv.cache.dense import DenseLayer
 from jaxkv.cache.heavy import HeavyLayer
-from jaxkv.cache.kinds import Dense, Heavy, Kind, Window, layer_kinds, needs_capacity
+from jaxkv.cache.kinds import Dense, Heavy, Kind, SnapKV, Window, layer_kinds, needs_capacity
 from jaxkv.cache.quant import is_quantized, packed, storage_dtype
 from jaxkv.cache.ring import RingLayer
 from jaxkv.config import ModelConfig
@@ -83,15 +83,19 @@ class KVCache:
         for kind in resolved:
             if isinstance(kind, Dense):
                 layers.append(DenseLayer.zeros(batch_size, capacity, n, h, dtype))
-            elif isinstance(kind, Heavy):
+            elif isinstance(kind, (Heavy, SnapKV)):
                 if is_quantized(dtype):
                     raise ValueError(
-                        "heavy-hitter (H2O) layers store keys and values in the model's "
-                        f"precision; quantized storage ({dtype}) is not supported for them yet"
+                        "heavy-hitter (H2O) and SnapKV layers store keys and values in the "
+                        f"model's precision; quantized storage ({dtype}) is not supported for "
+                        "them yet"
                     )
-                layers.append(
-                    HeavyLayer.zeros(batch_size, kind.heavy, kind.recent, n, h, dtype, kind.policy)
-                )
+                if isinstance(kind, Heavy):
+                    args = (kind.heavy, kind.recent, n, h, dtype, kind.policy)
+                else:
+                    heavy = kind.budget - kind.window
+                    args = (heavy, kind.window, n, h, dtype, kind.decode, kind.kernel)
+                layers.append(HeavyLayer.zeros(batch_size, *args))
             else:
                 layers.append(
                     RingLayer.zeros(batch_size, kind.size, n, h, dtype, kind.sinks, kind.positions)
@@ -135,7 +139,7 @@ class KVCache:
             if isinstance(layer, DenseLayer):
                 name = f"dense(capacity={layer.slots})"
             elif isinstance(layer, HeavyLayer):
-                name = f"{layer.policy}(heavy={layer.heavy}, recent={layer.recent})"
+                name = layer.describe()
             else:
                 extra = f", sinks={layer.sinks}, {layer.sink_positions}" if layer.sinks else ""
                 name = f"ring(window={layer.window}{extra})"
@@ -288,4 +292,4 @@ def cache_memory_bytes(
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
-__all__ = ["Dense", "Heavy", "KVCache", "Window", "cache_memory_bytes"]
+__all__ = ["Dense", "Heavy", "KVCache", "SnapKV", "Window", "cache_memory_bytes"]
