@@ -93,7 +93,10 @@ def _masked_values(v: Array, pos: Array, axis: int) -> Array:
     """v with the slots of no position (empty, stale, rolled back) zeroed: a masked score gives
     weight 0, but 0 * NaN is NaN, so a stale NaN must not reach the product."""
     shape = [1] * v.ndim
-    shape[0], shape[axis] = pos.shape
+    if pos.ndim == 3:  # per KV head [B, N, T]
+        shape[0], shape[1], shape[axis] = pos.shape
+    else:
+        shape[0], shape[axis] = pos.shape
     return jnp.where((pos >= 0).reshape(shape), v, jnp.zeros((), v.dtype))
 
 

@@ -47,7 +47,9 @@ def eval_text() -> str:
     return "\n\n".join(paragraphs)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity", "kinds", "cache_dtype"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "capacity", "kinds", "cache_dtype", "prompt")
+)
 def _nll(
     params: Params,
     tokens: Array,
@@ -56,10 +58,19 @@ def _nll(
     capacity: int,
     kinds: Any = None,
     cache_dtype: str | None = None,
+    prompt: int = 0,
 ) -> tuple[Array, Array]:
-    """Negative log-likelihood of tokens[1:] given everything before, fed one token per step,
-    and the most likely token at each step."""
+    """Negative log-likelihood of tokens[1:] given everything before, fed one token per step
+    after the first `prompt` tokens (fed as one block), and the most likely token at each
+    step."""
     cache = KVCache.init(config, 1, capacity, cache_dtype, kinds)
+    head_nll = head_top1 = None
+    if prompt:
+        pos = jnp.arange(prompt, dtype=jnp.int32)[None]
+        logits, cache = apply(params, config, tokens[None, :prompt], pos, cache)
+        logp = jax.nn.log_softmax(logits[0].astype(jnp.float32))
+        head_nll = -jnp.take_along_axis(logp, tokens[1 : prompt + 1, None], axis=-1)[:, 0]
+        head_top1 = jnp.argmax(logp, axis=-1).astype(jnp.int32)
 
     def step(cache: KVCache, xs: tuple[Array, Array, Array]) -> tuple[KVCache, Array]:
         tok, nxt, pos = xs
@@ -68,8 +79,10 @@ def _nll(
         return cache, (-logp[nxt], jnp.argmax(logp).astype(jnp.int32))
 
     n = tokens.shape[0] - 1
-    xs = (tokens[:-1], tokens[1:], jnp.arange(n, dtype=jnp.int32))
+    xs = (tokens[prompt:-1], tokens[prompt + 1 :], jnp.arange(prompt, n, dtype=jnp.int32))
     _, (nll, top1) = lax.scan(step, cache, xs)
+    if prompt:
+        nll, top1 = jnp.concatenate([head_nll, nll]), jnp.concatenate([head_top1, top1])
     return nll, top1
 
 
@@ -81,15 +94,27 @@ def perplexity(
     capacity: int | None = None,
     cache: Kind | Sequence[Kind] | None = None,
     cache_dtype: str | None = None,
+    prompt: int = 0,
 ) -> tuple[float, np.ndarray]:
     """(perplexity, per-token NLL [len - 1]) of one token sequence, scored token by token
     through a cache of `capacity` slots (default: the sequence length) of the kinds `cache`
     picks (e.g. `Window(512, sinks=4)`; default: what the model's layers need) stored as
-    `cache_dtype` (e.g. "int8")."""
+    `cache_dtype` (e.g. "int8").
+
+    `prompt` > 0: the first `prompt` tokens are fed as one block (a prefill, which a bounded
+    cache compresses when it does not fit, e.g. `SnapKV`), the rest token by token; the
+    perplexity is then that of the continuation, tokens[prompt + 1:] (the NLLs returned still
+    cover every token: the prompt's from the prefill's logits)."""
     nll, _ = token_scores(
-        params, config, tokens, capacity=capacity, cache=cache, cache_dtype=cache_dtype
+        params,
+        config,
+        tokens,
+        capacity=capacity,
+        cache=cache,
+        cache_dtype=cache_dtype,
+        prompt=prompt,
     )
-    return math.exp(float(nll.mean())), nll
+    return math.exp(float(nll[prompt:].mean())), nll
 
 
 def token_scores(
@@ -100,12 +125,18 @@ def token_scores(
     capacity: int | None = None,
     cache: Kind | Sequence[Kind] | None = None,
     cache_dtype: str | None = None,
+    prompt: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(NLL of each next token [len - 1], the most likely next token at each step [len - 1]),
-    token by token through the cache (see `perplexity`)."""
+    token by token through the cache after a `prompt`-token block (see `perplexity`)."""
     (row,) = checks.token_rows([tokens], config.vocab_size)
     if len(row) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {len(row)}")
+    if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt < len(row) - 1:
+        raise ValueError(
+            f"prompt must be an int in [0, {len(row) - 1}) for {len(row)} tokens (at least one "
+            f"token is scored after it), got {prompt!r}"
+        )
     capacity = checks.check_capacity(capacity if capacity is not None else len(row))
     if capacity < len(row) - 1:
         raise ValueError(
@@ -118,6 +149,7 @@ def token_scores(
         capacity=capacity,
         kinds=None if cache is None else layer_kinds(config, cache, capacity),
         cache_dtype=cache_dtype,
+        prompt=prompt,
     )
     return np.asarray(nll, np.float64), np.asarray(top1)
 

@@ -10,11 +10,19 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import jaxkv
-from jaxkv.cache import DenseLayer, RingLayer
+from jaxkv.cache import DenseLayer, HeavyLayer, RingLayer
 
 CAPACITY = 96
 BATCH = 2
-KINDS = [None, jaxkv.Window(4), jaxkv.Window(3, sinks=2), (jaxkv.Window(5), jaxkv.Dense())]
+KINDS = [
+    None,
+    jaxkv.Window(4),
+    jaxkv.Window(3, sinks=2),
+    (jaxkv.Window(5), jaxkv.Dense()),
+    jaxkv.Heavy(3, 2),
+    jaxkv.SnapKV(6, 2, kernel=3, decode="ring"),
+    (jaxkv.SnapKV(5, 3), jaxkv.Heavy(1, 4)),
+]
 
 
 def held(length: int, layer) -> set[int]:
@@ -91,6 +99,13 @@ class CacheMachine(RuleBasedStateMachine):
         assert np.asarray(self.cache.lengths).tolist() == self.lengths
         dense = np.asarray(self.cache.positions)
         for layer in self.cache.layers:
+            if isinstance(layer, HeavyLayer):  # which older ones it keeps: test_heavy/snapkv
+                for b, n in enumerate(self.lengths):
+                    for head in np.asarray(layer.pos)[b]:
+                        got = head[head >= 0].tolist()
+                        assert len(got) == len(set(got)) == min(n, layer.slots)
+                        assert set(range(max(0, n - layer.recent), n)) <= set(got) <= set(range(n))
+                continue
             table = dense if isinstance(layer, DenseLayer) else np.asarray(layer.pos)
             assert isinstance(layer, (DenseLayer, RingLayer))
             for b, n in enumerate(self.lengths):

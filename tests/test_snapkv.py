@@ -164,3 +164,43 @@ def test_snapkv_arguments_are_validated():
         KVCache.init(cfg, 1, kinds=SnapKV(8, 2))
     with pytest.raises(ValueError, match="quantized storage"):
         KVCache.init(tiny("test-gqa")[0], 1, None, "int8", SnapKV(8, 2))
+
+
+def test_perplexity_after_a_prompt_block(rng):
+    """`prompt=P`: the first P tokens as one block, then token by token. With the dense cache
+    every NLL equals the token-by-token one; with SnapKV in a small budget the prompt's NLLs
+    still do (a block sees itself whole) and the continuation's differ; the perplexity
+    is the continuation's."""
+    from jaxkv.evaluation import perplexity, token_scores
+
+    cfg, params = tiny("test-gqa")
+    tokens = rng.integers(0, cfg.vocab_size, 60).tolist()
+    ref, ref_top1 = token_scores(params, cfg, tokens)
+    nll, top1 = token_scores(params, cfg, tokens, prompt=40)
+    np.testing.assert_allclose(nll, ref, atol=1e-4)
+    np.testing.assert_array_equal(top1, ref_top1)
+    ppl, snap = perplexity(params, cfg, tokens, prompt=40, cache=SnapKV(12, 4))
+    np.testing.assert_allclose(snap[:40], ref[:40], atol=1e-4)
+    assert np.abs(snap[40:] - ref[40:]).max() > 1e-3
+    assert ppl == pytest.approx(float(np.exp(snap[40:].mean())))
+    with pytest.raises(ValueError, match=r"prompt must be an int in \[0, 59\) for 60 tokens"):
+        token_scores(params, cfg, tokens, prompt=59)
+
+
+@pytest.mark.parametrize("kind", [jaxkv.Heavy(30, 10), SnapKV(40, 8), SnapKV(40, 8, decode="ring")])
+def test_extend_with_a_budget_over_the_sequence_equals_dense(kind, rng):
+    """Blocks after the first (extend) attend to per-head stored slots; with nothing to evict
+    every logit equals the dense cache's, ragged rows included."""
+    cfg, params = tiny("test-gqa")
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 9)]
+    more = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (7, 2)]
+    _, dense = jaxkv.prefill(params, cfg, prompts, capacity=64)
+    _, other = jaxkv.prefill(params, cfg, prompts, cache=kind)
+    ld, dense = jaxkv.extend(params, cfg, dense, more)
+    lo, other = jaxkv.extend(params, cfg, other, more)
+    for b, row in enumerate(more):  # padding positions' logits are not defined
+        np.testing.assert_allclose(lo[b, : len(row)], ld[b, : len(row)], atol=1e-5, rtol=0)
+    tok = np.array([3, 4], np.int32)
+    ld, _ = jaxkv.decode_step(params, cfg, dense, tok)
+    lo, _ = jaxkv.decode_step(params, cfg, other, tok)
+    np.testing.assert_allclose(np.asarray(lo), np.asarray(ld), atol=1e-5, rtol=0)
