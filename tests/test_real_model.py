@@ -176,3 +176,36 @@ def test_chat_cli_scripted(tmp_path):
     turns = [line for line in run.stderr.splitlines() if line.startswith("[jaxkv] turn")]
     assert len(turns) == 2 and "prefilled" in turns[1]
     assert any((tmp_path / "xla").iterdir())  # compiled programs kept on disk
+
+
+def test_int8_cache_agrees_with_the_float_cache(jx, text_ids):
+    """int8 K/V storage on the real model: greedy decoding from 200 tokens of prose agrees
+    with the float cache on >= 99% of 256 steps, the chat answer is the same, and the
+    teacher-forced mean KL of the next-token distributions over 64 steps is < 1e-3.
+    (Teacher-forced top-1 agreement is in the benchmarks: 98.8% of the first 256 steps, 99.2%
+    of 512; its few misses are near-ties.)"""
+    import jax
+    import jax.numpy as jnp
+
+    config, params, tok = jx
+    prose = text_ids[:200]
+    run = dict(max_new_tokens=256, capacity=512)
+    ref = jaxkv.generate(params, config, [prose], **run)
+    got = jaxkv.generate(params, config, [prose], cache_dtype="int8", **run)
+    assert (np.asarray(ref.tokens) == np.asarray(got.tokens)).mean() >= 0.99
+    chat = tok.encode(render_chat(tok.chat_template, CAPITAL))
+    run = dict(max_new_tokens=32, capacity=128, eos_ids=tok.eos_ids)
+    ref = jaxkv.generate(params, config, [chat], **run)
+    got = jaxkv.generate(params, config, [chat], cache_dtype="int8", **run)
+    assert int(got.lengths[0]) == int(ref.lengths[0]) < 32
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    lf, cf = jaxkv.prefill(params, config, [prose[:64]], capacity=256)
+    lq, cq = jaxkv.prefill(params, config, [prose[:64]], capacity=256, cache_dtype="int8")
+    kls = []
+    for t in prose[64:128]:
+        lf, cf = jaxkv.decode_step(params, config, cf, np.array([t], np.int32))
+        lq, cq = jaxkv.decode_step(params, config, cq, np.array([t], np.int32))
+        pf, pq = jax.nn.log_softmax(lf[0]), jax.nn.log_softmax(lq[0])
+        kls.append(float(jnp.sum(jnp.exp(pf) * (pf - pq))))
+    assert np.mean(kls) < 1e-3
+    assert cq.layers[0].k.dtype == jnp.int8

@@ -147,25 +147,55 @@ def plot_curves(curves: dict[str, np.ndarray], title: str, path: Path, every: in
 def eviction_ppl(
     config: ModelConfig, params: Params, tokens: np.ndarray, label: str
 ) -> list[dict[str, Any]]:
-    """Perplexity token by token at 20% and 50% of the text length for H2O (half heavy, half
-    recent), sinks + window, window only, random eviction and the full cache."""
-    from jaxkv.cache import Heavy
+    """Perplexity at 20% and 50% of the text length under two protocols:
+
+    - "stream": the whole text token by token (every policy evicts while decoding): H2O (half
+      heavy, half recent), sinks + window, window only, random eviction;
+    - "prompt": the first half as one prefill block (compressed to the budget by the policy's
+      block rule), then the second half token by token, scored on the second half: the same
+      policies plus SnapKV (window min(32, budget / 4)) followed by a ring ("snapkv+window")
+      or by H2O ("snapkv+h2o").
+
+    Each protocol has its own full-cache row."""
+    from jaxkv.cache import Heavy, SnapKV
 
     n = len(tokens)
-    full, _ = perplexity(params, config, tokens, capacity=n)
-    rows = [{"model": label, "policy": "full", "budget_fraction": 1.0, "ppl": full}]
-    for frac in (0.2, 0.5):
-        b = int(n * frac)
-        policies = {
-            "h2o": Heavy(b // 2, b - b // 2),
-            "sinks+window": Window(b - SINKS, sinks=SINKS),
-            "window": Window(b),
-            "random": Heavy(b // 2, b - b // 2, "random"),
-        }
-        for name, kind in policies.items():
-            ppl, _ = perplexity(params, config, tokens, capacity=n, cache=kind)
-            _log(f"{label}: {name} at {frac:.0%} ({b} slots): ppl {ppl:.3f}")
-            rows.append({"model": label, "policy": name, "budget_fraction": frac, "ppl": ppl})
+    rows = []
+    for protocol, prompt in (("stream", 0), ("prompt", n // 2)):
+        full, _ = perplexity(params, config, tokens, capacity=n, prompt=prompt)
+        rows.append(
+            {
+                "model": label,
+                "protocol": protocol,
+                "policy": "full",
+                "budget_fraction": 1.0,
+                "ppl": full,
+            }
+        )
+        for frac in (0.2, 0.5):
+            b = int(n * frac)
+            policies = {
+                "h2o": Heavy(b // 2, b - b // 2),
+                "sinks+window": Window(b - SINKS, sinks=SINKS),
+                "window": Window(b),
+                "random": Heavy(b // 2, b - b // 2, "random"),
+            }
+            if prompt:
+                w = min(32, b // 4)
+                policies["snapkv+window"] = SnapKV(b, w, decode="ring")
+                policies["snapkv+h2o"] = SnapKV(b, w, decode="h2o")
+            for name, kind in policies.items():
+                ppl, _ = perplexity(params, config, tokens, capacity=n, cache=kind, prompt=prompt)
+                _log(f"{label}: {protocol}: {name} at {frac:.0%} ({b} slots): ppl {ppl:.3f}")
+                rows.append(
+                    {
+                        "model": label,
+                        "protocol": protocol,
+                        "policy": name,
+                        "budget_fraction": frac,
+                        "ppl": ppl,
+                    }
+                )
     return rows
 
 
@@ -469,10 +499,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{hy['position']}: {hy['step_ms_hybrid']:.3f} ms vs {hy['step_ms_dense']:.3f} ms "
         f"({hy['hybrid_step_ratio']:.2f}x).",
         "",
-        "### Eviction policies at a budget (token by token)",
+        "### Eviction policies at a budget",
         "",
-        "| model | budget | full | h2o | sinks+window | window | random |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "Stream: the whole text token by token. Prompt: the first half as one prefill block "
+        "(compressed to the budget), the second half token by token and scored.",
+        "",
+        "| model | protocol | budget | full | h2o | sinks+window | window | random "
+        "| snapkv+window | snapkv+h2o |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *_eviction_rows(result.get("eviction_ppl", [])),
         "",
         "### Quantized storage (full cache, token by token)",
@@ -507,12 +541,18 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _eviction_rows(rows: list[dict[str, Any]]) -> list[str]:
+    policies = ("h2o", "sinks+window", "window", "random", "snapkv+window", "snapkv+h2o")
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        full = next(r["ppl"] for r in mine if r["policy"] == "full")
-        for frac in sorted({r["budget_fraction"] for r in mine} - {1.0}):
-            got = {r["policy"]: r["ppl"] for r in mine if r["budget_fraction"] == frac}
-            cells = " | ".join(f"{got[p]:.3f}" for p in ("h2o", "sinks+window", "window", "random"))
-            out.append(f"| {model} | {frac:.0%} | {full:.3f} | {cells} |")
+        for protocol in dict.fromkeys(r.get("protocol", "stream") for r in rows):
+            mine = [
+                r for r in rows if r["model"] == model and r.get("protocol", "stream") == protocol
+            ]
+            if not mine:
+                continue
+            full = next(r["ppl"] for r in mine if r["policy"] == "full")
+            for frac in sorted({r["budget_fraction"] for r in mine} - {1.0}):
+                got = {r["policy"]: r["ppl"] for r in mine if r["budget_fraction"] == frac}
+                cells = " | ".join(f"{got[p]:.3f}" if p in got else "-" for p in policies)
+                out.append(f"| {model} | {protocol} | {frac:.0%} | {full:.3f} | {cells} |")
     return out
