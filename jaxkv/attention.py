@@ -134,6 +134,18 @@ def _reduced_scores(q: Array, k: Array) -> Array:
     return jnp.sum(q.astype(jnp.float32)[..., None] * k[:, :, None].astype(jnp.float32), axis=3)
 
 
+def _channel_scores(q: Array, k: Array, k_scale: Array) -> Array:
+    """Decode scores over int8 keys with one scale per channel and group of slots: q
+    [B, N, G, H], k [B, N, H, T], k_scale [B, N, H, T / group] -> [B, N, G, T]. The scales
+    fold into the query, once per group: sum_h (q_h * s_h,g) k_h,t."""
+    b, n, h, t = k.shape
+    groups = k_scale.shape[3]
+    qs = q.astype(jnp.float32)[..., None] * k_scale[:, :, None]  # [B, N, G, H, groups]
+    kg = k.reshape(b, n, h, groups, t // groups)
+    s = jnp.einsum("bngha,bnhar->bngar", qs, kg, preferred_element_type=jnp.float32)
+    return s.reshape(*s.shape[:3], t)
+
+
 def attend(
     q: Array,
     q_pos: Array,
@@ -272,8 +284,11 @@ def _attend_one(
         if seg.k_scale is not None:  # int4: unpacked to int8 (no float copy of the cache)
             seg = seg._replace(k=unpack(seg.k, 2), v=unpack(seg.v, 3))
         score = _reduced_scores if by_reduction else _einsum_scores("bngh,bnht->bngt")
-        s = _segment_scores(q, q_sink, seg, score)
-        if seg.k_scale is not None:  # int8 keys: one scale per slot multiplies its score
+        if seg.k_scale is not None and seg.k_scale.ndim == 4:  # keys per channel (KIVI)
+            s = _channel_scores(q, seg.k, seg.k_scale)
+        else:
+            s = _segment_scores(q, q_sink, seg, score)
+        if seg.k_scale is not None and seg.k_scale.ndim == 3:  # a scale per slot (and head)
             s = s * seg.k_scale[:, :, None, :]
         mask = _segment_mask(q_pos[:, None], seg.pos, window, sinks)[:, :, :, 0]  # [B,n,1,T]
         scores.append(jnp.where(mask, s * scale, _MASKED))

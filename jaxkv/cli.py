@@ -128,6 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"jaxkv generate: {e}") from None
     kind = _cache_kind(args, "jaxkv generate")
     config, params, tokenizer, _ = _load(args.model, args.dtype)
+    _check_storage(config, kind, _kv_dtype(args, "jaxkv generate"), "jaxkv generate")
     ids = tokenizer.encode(prompt)
     total = len(ids) + args.max_new_tokens
     if config.position == "learned" and total > config.max_seq_len and kind is None:
@@ -171,7 +172,7 @@ def _stream(
         key=args.seed,
         chunk_size=args.chunk_size,
         cache=_cache_kind(args, "jaxkv generate"),
-        cache_dtype=args.kv_dtype,
+        cache_dtype=_kv_dtype(args, "jaxkv generate"),
     )
     for chunk in stream:
         for row, toks in enumerate(chunk):
@@ -198,6 +199,35 @@ def _stream(
         file=sys.stderr,
     )
     return 0
+
+
+def _check_storage(config: Any, kind: Any, dtype: Any, command: str) -> None:
+    """A usage error if the layers `kind` picks cannot store `dtype`."""
+    from jaxkv.cache import layer_kinds
+    from jaxkv.cache.kvcache import check_storage
+
+    try:
+        check_storage(layer_kinds(config, kind, None), dtype)
+    except ValueError as e:
+        raise UsageError(f"{command}: {e}") from None
+
+
+def _kv_dtype(args: argparse.Namespace, command: str) -> Any:
+    """The cache dtype --kv-dtype / --kv-scales / --kv-group / --kv-residual pick."""
+    from jaxkv.cache.quant import QUANTIZED, KVQuant
+
+    layout = args.kv_scales != "head" or args.kv_residual or args.kv_group != 32
+    if not layout:
+        return args.kv_dtype
+    if args.kv_dtype not in QUANTIZED:
+        raise UsageError(
+            f"{command}: --kv-scales / --kv-group / --kv-residual need --kv-dtype int8 or int4, "
+            f"got --kv-dtype {args.kv_dtype}"
+        )
+    try:
+        return KVQuant(args.kv_dtype, args.kv_scales, args.kv_group, args.kv_residual)
+    except ValueError as e:
+        raise UsageError(f"{command}: {e}") from None
 
 
 def _cache_kind(args: argparse.Namespace, command: str) -> Any:
@@ -250,7 +280,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     mib = n_params * jax.numpy.dtype(config.dtype).itemsize / 2**20
     print(f"parameters: {n_params:,} ({mib:.1f} MiB in {config.dtype})")
     kind = _cache_kind(args, "jaxkv info")
-    dt = args.kv_dtype
+    dt = _kv_dtype(args, "jaxkv info")
+    _check_storage(config, kind, dt, "jaxkv info")
     nbytes = cache_memory_bytes(config, args.batch_size, args.capacity, dt, kind)
     shapes = jax.eval_shape(lambda: KVCache.init(config, args.batch_size, args.capacity, dt, kind))
     print(
@@ -381,6 +412,24 @@ def _window_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="storage of the cached keys and values (default: the model's dtype); int8/int4 "
         "keep a scale per token and head",
+    )
+    p.add_argument(
+        "--kv-scales",
+        choices=["head", "token", "kivi"],
+        default="head",
+        help="with --kv-dtype int8/int4: a scale per token and KV head, per token, or KIVI "
+        "(keys per channel in groups of --kv-group tokens, values per token and head)",
+    )
+    p.add_argument(
+        "--kv-group",
+        type=_positive_int,
+        default=32,
+        help="tokens per KIVI key-scale group and per residual group (default 32)",
+    )
+    p.add_argument(
+        "--kv-residual",
+        action="store_true",
+        help="read the newest group of tokens in full precision (KIVI's residual)",
     )
     p.add_argument(
         "--window",

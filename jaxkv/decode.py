@@ -30,7 +30,8 @@ import numpy as np
 from jaxkv import checks
 from jaxkv.cache import Kind, KVCache, layer_kinds
 from jaxkv.cache.kinds import needs_capacity
-from jaxkv.cache.quant import storage_dtype
+from jaxkv.cache.kvcache import check_storage
+from jaxkv.cache.quant import quant_spec, storage_dtype
 from jaxkv.config import ModelConfig
 from jaxkv.loops import (
     DecodeState,
@@ -144,6 +145,7 @@ def _cache_layout(
         return _Layout(cache, cache.capacity if cache.has_dense else None, None)
     capacity = checks.check_capacity(capacity) if capacity is not None else default_cap
     kinds = layer_kinds(config, cache, capacity)
+    check_storage(kinds, cache_dtype)
     if not needs_capacity(kinds):
         return _Layout(None, None, kinds)
     if capacity is None:
@@ -178,13 +180,13 @@ def _loop_args(
     return max_new_tokens, sampling, eos, pad_id
 
 
-def _dtype_name(cache_dtype: Any) -> str | None:
-    """A hashable name of a cache dtype for the static Loop ("int4" kept as it is)."""
+def _dtype_name(cache_dtype: Any) -> Any:
+    """A hashable name of a cache dtype for the static Loop (quantized storage as its
+    `KVQuant` layout)."""
     if cache_dtype is None:
         return None
-    if isinstance(cache_dtype, str) and cache_dtype == "int4":
-        return cache_dtype
-    return jnp.dtype(cache_dtype).name
+    spec = quant_spec(cache_dtype)
+    return spec if spec is not None else jnp.dtype(cache_dtype).name
 
 
 def _span(reach: int, capacity: int | None) -> int | None:

@@ -86,6 +86,8 @@ def test_info_reports_memory_per_cache_kind(capsys):
     assert "4 x h2o(heavy=48, recent=16)" in capsys.readouterr().out
     assert cli.main(["info", "--snapkv", "64,16", "--snapkv-decode", "ring"]) == 0
     assert "4 x snapkv(budget=64, window=16, kernel=7, decode=ring)" in capsys.readouterr().out
+    assert cli.main(["info", "--kv-dtype", "int8", "--kv-scales", "kivi", "--kv-residual"]) == 0
+    assert "KV cache for batch" in capsys.readouterr().out
     assert cli.main(["info", "--capacity", "1024", "--kv-dtype", "int8"]) == 0
     # int8 K/V + a float32 scale per token and head: 4 layers * 4 heads * (2 * 32 + 8) bytes
     assert f"{1024 * (4 * 4 * (2 * 32 + 8)) + 4 * 1024 + 8:,} bytes" in capsys.readouterr().out
@@ -119,6 +121,11 @@ def test_bad_flags_exit_2_with_one_line_subprocess():
         (["generate", "x", "--snapkv", "64", "--h2o", "4,4"], "['h2o', 'snapkv']"),
         (["generate", "x", "--snapkv", "16"], "SnapKV.window (32) must be smaller"),
         (["generate", "x", "--snapkv", "64,8,2"], "--snapkv takes BUDGET[,WINDOW]"),
+        (["generate", "x", "--kv-scales", "kivi"], "need --kv-dtype int8 or int4, got"),
+        (
+            ["generate", "x", "--kv-dtype", "int8", "--kv-residual", "--window", "64"],
+            "only dense layers have",
+        ),
         (["info", "--window", "8", "--sinks", "-1"], "Window.sinks must be >= 0"),
         (["frobnicate"], "invalid choice"),
         ([], "required: command"),

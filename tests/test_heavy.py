@@ -152,5 +152,42 @@ def test_heavy_arguments_are_validated():
     cfg, _ = tiny_cfg(sliding_window=4)
     with pytest.raises(ValueError, match="heavy-hitter eviction applies to full-attention"):
         KVCache.init(cfg, 1, kinds=Heavy(4, 4))
-    with pytest.raises(ValueError, match="quantized storage"):
-        KVCache.init(tiny("test-gqa")[0], 1, None, "int8", Heavy(4, 4))
+    with pytest.raises(ValueError, match="a scale per token and head, not int8 .token scales"):
+        KVCache.init(tiny("test-gqa")[0], 1, None, jaxkv.KVQuant("int8", "token"), Heavy(4, 4))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_heavy_layers_equal_the_quantized_dense_cache(dtype, rng):
+    """H2O and SnapKV with int8/int4 storage (a scale per token and KV head, carried with
+    the slots they keep): with a budget over the sequence, the dense quantized cache's
+    logits through prefill, extend and decode; the decode program stays in place."""
+    from test_cache_kinds import _aliased_params
+
+    from jaxkv.bench.common import cache_sized_copies
+    from jaxkv.loops import Loop, decode_step_jit
+
+    cfg, params = tiny("test-gqa")
+    prompts = random_prompts(rng, [3, 11], cfg.vocab_size)
+    more = random_prompts(rng, [4, 2], cfg.vocab_size)
+    toks = rng.integers(0, cfg.vocab_size, (6, 2)).astype(np.int32)
+    ref = None
+    for kind in (None, Heavy(30, 10), jaxkv.SnapKV(40, 8)):
+        logits = []
+        _, c = jaxkv.prefill(params, cfg, prompts, capacity=64, cache=kind, cache_dtype=dtype)
+        out, c = jaxkv.extend(params, cfg, c, more)
+        logits += [out[0, :4], out[1, :2]]
+        for t in toks:
+            out, c = jaxkv.decode_step(params, cfg, c, t)
+            logits.append(out)
+        if ref is None:
+            ref = logits
+            continue
+        assert c.layers[0].k_scale.shape == (2, cfg.n_kv_heads, 40)
+        for got, want in zip(logits, ref, strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    cache = KVCache.init(cfg, 2, None, dtype, Heavy(150, 50))
+    args = (params, cache, jnp.zeros(2, jnp.int32), jnp.ones(2, bool))
+    text = decode_step_jit.lower(*args, loop=Loop(config=cfg)).compile().as_text()
+    n = len(jax.tree.leaves(params))
+    assert set(range(n, n + len(jax.tree.leaves(cache)))) <= _aliased_params(text)
+    assert cache_sized_copies(text, 200) == []

@@ -11,7 +11,7 @@ from helpers import tiny
 
 import jaxkv
 from jaxkv.cache import KVCache, Window
-from jaxkv.cache.quant import dequantize, quantize, unpack
+from jaxkv.cache.quant import KVQuant, dequantize, quantize, unpack
 from jaxkv.checkpoint import load_pretrained
 from jaxkv.cli import BUNDLED_MODEL
 from jaxkv.loops import Loop, decode_step_jit
@@ -43,18 +43,28 @@ def test_round_trip_error_is_at_most_half_a_scale(rng, pack):
     )
 
 
-@pytest.mark.parametrize("kind", [None, Window(64, sinks=4)])
-def test_int8_cache_agrees_with_the_float_cache_on_the_bundled_model(kind):
-    """Greedy decoding agrees on >= 99% of 256 steps; teacher-forced mean KL < 1e-3."""
+@pytest.mark.parametrize(
+    "kind,dtype",
+    [
+        (None, "int8"),
+        (Window(64, sinks=4), "int8"),
+        (None, KVQuant("int8", "kivi", residual=True)),
+    ],
+    ids=["dense", "sinks", "kivi-residual"],
+)
+def test_int8_cache_agrees_with_the_float_cache_on_the_bundled_model(kind, dtype):
+    """Greedy decoding agrees on >= 99% of 256 steps; teacher-forced mean KL < 1e-3 (int8
+    per token and head, and KIVI with its residual; scales shared by the heads miss this bar
+    on the bundled model, see the benchmarks)."""
     cfg, params = load_pretrained(BUNDLED_MODEL)
     ids = load_tokenizer(BUNDLED_MODEL).encode("import os\nimport sys\n\ndef main(argv):\n    ")
     run = dict(max_new_tokens=256, capacity=512, cache=kind)
     ref = jaxkv.generate(params, cfg, [ids], **run)
-    got = jaxkv.generate(params, cfg, [ids], cache_dtype="int8", **run)
+    got = jaxkv.generate(params, cfg, [ids], cache_dtype=dtype, **run)
     assert (np.asarray(ref.tokens) == np.asarray(got.tokens)).mean() >= 0.99
     seq = np.asarray(ref.tokens)[0, :64]
     lf, cf = jaxkv.prefill(params, cfg, [ids], capacity=512, cache=kind)
-    lq, cq = jaxkv.prefill(params, cfg, [ids], capacity=512, cache=kind, cache_dtype="int8")
+    lq, cq = jaxkv.prefill(params, cfg, [ids], capacity=512, cache=kind, cache_dtype=dtype)
     kls = []
     for t in seq:
         lf, cf = jaxkv.decode_step(params, cfg, cf, np.array([t], np.int32))

@@ -162,8 +162,8 @@ def test_snapkv_arguments_are_validated():
     cfg, _ = tiny_cfg(sliding_window=4)
     with pytest.raises(ValueError, match="SnapKV applies to full-attention"):
         KVCache.init(cfg, 1, kinds=SnapKV(8, 2))
-    with pytest.raises(ValueError, match="quantized storage"):
-        KVCache.init(tiny("test-gqa")[0], 1, None, "int8", SnapKV(8, 2))
+    with pytest.raises(ValueError, match="a scale per token and head, not int8 .kivi"):
+        KVCache.init(tiny("test-gqa")[0], 1, None, jaxkv.KVQuant("int8", "kivi"), SnapKV(8, 2))
 
 
 def test_perplexity_after_a_prompt_block(rng):

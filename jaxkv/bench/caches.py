@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,7 @@ def kv_quant(
 
     n = len(tokens)
 
-    def per_token(dtype: str | None) -> float:
+    def per_token(dtype: Any) -> float:
         return (
             cache_memory_bytes(config, 1, 2 * n, dtype) - cache_memory_bytes(config, 1, n, dtype)
         ) / n
@@ -228,17 +229,28 @@ def kv_quant(
             "top1_agreement": 1.0,
         }
     ]
-    for dtype in ("int8", "int4"):
+    from jaxkv.cache.quant import KVQuant
+
+    layouts = [
+        ("head", False, "per token and KV head"),
+        ("token", False, "per token"),
+        ("kivi", False, "KIVI: keys per channel (32 tokens), values per token and head"),
+        ("head", True, "per token and KV head + residual 32"),
+        ("kivi", True, "KIVI + residual 32"),
+    ]
+    for dtype, (scales, residual, name) in itertools.product(("int8", "int4"), layouts):
+        spec = KVQuant(dtype, scales, 32, residual)
         t = time.perf_counter()
-        nll, top1 = token_scores(params, config, tokens, cache_dtype=dtype)
+        nll, top1 = token_scores(params, config, tokens, cache_dtype=spec)
         ppl = float(np.exp(nll.mean()))
-        _log(f"{label}: {dtype}: ppl {ppl:.4f} vs {ref_ppl:.4f} ({time.perf_counter() - t:.1f}s)")
+        took = time.perf_counter() - t
+        _log(f"{label}: {spec.describe()}: ppl {ppl:.4f} vs {ref_ppl:.4f} ({took:.1f}s)")
         rows.append(
             {
                 "model": label,
                 "dtype": dtype,
-                "scales": "per token and KV head",
-                "bytes_per_token": per_token(dtype),
+                "scales": name,
+                "bytes_per_token": per_token(spec),
                 "ppl": ppl,
                 "ppl_delta": ppl - ref_ppl,
                 "top1_agreement": float((top1 == ref_top1).mean()),
@@ -248,16 +260,19 @@ def kv_quant(
 
 
 def kv_quant_step(name: str, position: int, capacity: int) -> dict[str, Any]:
-    """Decode step time of int8 and int4 caches against the float cache at `position` of
-    `capacity` (programs compiled first, then timed in alternation)."""
+    """Decode step time of int8 and int4 caches (and int8 KIVI with its residual) against
+    the float cache at `position` of `capacity` (programs compiled first, then timed in
+    alternation)."""
     from jaxkv.bench.common import synthetic_state
+    from jaxkv.cache.quant import KVQuant
 
     config = preset(name)
     params = random_params(config, jax.random.key(0), jnp.float32)
     span = attention_span(position + 32, capacity)
     loop = Loop(config=config, steps=((32, None if span >= capacity else span),))
     eos, pad = np.zeros(0, np.int32), np.int32(0)
-    dtypes = (None, "int8", "int4")
+    kivi = KVQuant("int8", "kivi", 32, residual=True)
+    dtypes = (None, "int8", "int4", kivi)
     progs = {
         d: resume_jit.lower(
             params,
@@ -286,6 +301,8 @@ def kv_quant_step(name: str, position: int, capacity: int) -> dict[str, Any]:
         "step_ms_int4": best["int4"] * 1e3,
         "int8_over_float": best["int8"] / best[None],
         "int4_over_float": best["int4"] / best[None],
+        "step_ms_int8_kivi_residual": best[kivi] * 1e3,
+        "int8_kivi_residual_over_float": best[kivi] / best[None],
     }
 
 
@@ -519,12 +536,15 @@ def markdown(result: dict[str, Any]) -> str:
             for r in result.get("kv_quant", [])
         ],
         "",
-        "| model | at / capacity | float ms | int8 ms | int4 ms | int8/float | int4/float |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | at / capacity | float ms | int8 ms | int4 ms | int8 KIVI+res ms "
+        "| int8/float | int4/float | KIVI+res/float |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         *[
             f"| {r['model']} | {r['position']} / {r['capacity']} | {r['step_ms_float']:.3f} | "
-            f"{r['step_ms_int8']:.3f} | {r['step_ms_int4']:.3f} | {r['int8_over_float']:.2f} | "
-            f"{r['int4_over_float']:.2f} |"
+            f"{r['step_ms_int8']:.3f} | {r['step_ms_int4']:.3f} | "
+            f"{r.get('step_ms_int8_kivi_residual', float('nan')):.3f} | "
+            f"{r['int8_over_float']:.2f} | {r['int4_over_float']:.2f} | "
+            f"{r.get('int8_kivi_residual_over_float', float('nan')):.2f} |"
             for r in result.get("kv_quant_step", [])
         ],
         "",

@@ -17,6 +17,7 @@ from jaxkv.cache.dense import DenseLayer, LayerKV
 from jaxkv.cache.heavy import HeavyLayer
 from jaxkv.cache.kinds import Dense, Heavy, Kind, SnapKV, Window, layer_kinds
 from jaxkv.cache.kvcache import KVCache, cache_memory_bytes
+from jaxkv.cache.quant import KVQuant
 from jaxkv.cache.ring import RingLayer
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Heavy",
     "HeavyLayer",
     "KVCache",
+    "KVQuant",
     "Kind",
     "LayerCache",
     "LayerKV",

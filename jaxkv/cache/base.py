@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxkv.cache.quant import is_quantized, packed, quantize
+from jaxkv.cache.quant import KVQuant, is_quantized, packed, quantize
 
 Array = jax.Array
 
@@ -150,28 +150,41 @@ def scatter_slots(buf: Array, new: Array, slots: Array, axis: int, dep: Array | 
     return buf.at[index].set(value, mode="drop")
 
 
-def kv_zeros(batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype: Any) -> dict:
+def kv_zeros(
+    batch: int,
+    slots: int,
+    n_kv_heads: int,
+    head_dim: int,
+    dtype: Any,
+    spec: KVQuant | None = None,
+) -> dict:
     """Zeroed k [B, N, H, slots] and v [B, N, slots, H] of a storage dtype (for int4, H / 2
-    packed bytes), and with quantized storage their scales k_scale, v_scale [B, N, slots]
-    (float32)."""
+    packed bytes), and with quantized storage their float32 scales k_scale, v_scale in the
+    layout `spec` asks for (jaxkv.cache.quant; default per token and KV head, [B, N, slots])."""
     h = head_dim // 2 if packed(dtype) else head_dim
     out = {
         "k": jnp.zeros((batch, n_kv_heads, h, slots), dtype),
         "v": jnp.zeros((batch, n_kv_heads, slots, h), dtype),
     }
     if is_quantized(dtype):
-        out["k_scale"] = jnp.zeros((batch, n_kv_heads, slots), jnp.float32)
-        out["v_scale"] = jnp.zeros((batch, n_kv_heads, slots), jnp.float32)
+        n = 1 if spec is not None and spec.scales == "token" else n_kv_heads
+        out["v_scale"] = jnp.zeros((batch, n, slots), jnp.float32)
+        if spec is not None and spec.scales == "kivi":
+            groups = slots // spec.group
+            out["k_scale"] = jnp.zeros((batch, n_kv_heads, head_dim, groups), jnp.float32)
+        else:
+            out["k_scale"] = jnp.zeros((batch, n, slots), jnp.float32)
     return out
 
 
-def store(new: Array, buf: Array) -> tuple[Array, Array | None]:
-    """What a layer with buffer `buf` stores for new keys or values ([B, S, N, H]):
-    themselves, or quantized (int8 [B, S, N, H] or packed [B, S, N, H / 2], scales
-    [B, S, N])."""
+def store(new: Array, buf: Array, scale: Array | None = None) -> tuple[Array, Array | None]:
+    """What a layer with buffer `buf` (and scales `scale`) stores for new keys or values
+    ([B, S, N, H]): themselves, or quantized (int8 [B, S, N, H] or packed [B, S, N, H / 2],
+    scales [B, S, N], or [B, S, 1] when the layer's scales are shared by the heads)."""
     if not is_quantized(buf.dtype):
         return new, None
-    return quantize(new, pack=packed(buf.dtype))
+    shared = scale is not None and scale.ndim == 3 and scale.shape[1] == 1
+    return quantize(new, pack=packed(buf.dtype), shared=shared)
 
 
 def zero_values(layer: Any, freed: Array) -> dict:

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxkv.cache.base import Received, Segment, WritePlan, kv_zeros, ordered_after
+from jaxkv.cache.base import Received, Segment, WritePlan, kv_zeros, ordered_after, store
 
 Array = jax.Array
 POLICIES = ("h2o", "random")
@@ -86,6 +86,8 @@ class HeavyLayer:
     v: Array
     pos: Array
     score: Array
+    k_scale: Array | None = None  # [B, N, T] with quantized storage (per token and head)
+    v_scale: Array | None = None
     heavy: int = dataclasses.field(metadata=dict(static=True), default=0)
     recent: int = dataclasses.field(metadata=dict(static=True), default=1)
     policy: str = dataclasses.field(metadata=dict(static=True), default="h2o")
@@ -94,8 +96,6 @@ class HeavyLayer:
     sinks = 0
     sink_positions = "original"
     needs_probs = True
-    k_scale = None
-    v_scale = None
 
     @classmethod
     def zeros(
@@ -140,7 +140,7 @@ class HeavyLayer:
     def segments(self, plan: WritePlan, span: int | None) -> tuple[Segment, ...]:
         if span == 0:
             return ()
-        return (Segment(self.k, self.v, self.pos),)
+        return (Segment(self.k, self.v, self.pos, 0, self.k_scale, self.v_scale),)
 
     def _scores(self, acc: Array, pos: Array) -> Array:
         """What decode evicts the lowest of: accumulated attention (h2o), a fixed random
@@ -179,12 +179,21 @@ class HeavyLayer:
         b = jnp.arange(slot.shape[0])[:, None]
         n = jnp.arange(slot.shape[1])[None, :]
         dep = None if after is None else after[:, 0]  # [B, N, H]
+        (k_new, k_scale), (v_new, v_scale) = self._store(k_new, v_new)
+        if dep is not None:  # shaped like what is stored (int4 packs head_dim in halves)
+            dep = dep[..., : k_new.shape[-1]]
         k = self.k.at[b, n, :, slot].set(ordered_after(k_new[:, 0], dep), mode="drop")
         v = self.v.at[b, n, slot].set(ordered_after(v_new[:, 0], dep), mode="drop")
         small = None if after is None else after[:, 0, :, 0]  # [B, N]
         pos = jnp.broadcast_to(p[:, None], slot.shape)
+        scales = {}
+        if k_scale is not None:
+            for name, new in (("k_scale", k_scale), ("v_scale", v_scale)):
+                buf = getattr(self, name)
+                scales[name] = buf.at[b, n, slot].set(ordered_after(new[:, 0], small), mode="drop")
         return dataclasses.replace(
             self,
+            **scales,
             k=k,
             v=v,
             pos=self.pos.at[b, n, slot].set(ordered_after(pos, small), mode="drop"),
@@ -213,21 +222,34 @@ class HeavyLayer:
         rank = jnp.where(recent, jnp.inf, rank)
         rank = jnp.where(pos < 0, -jnp.inf, rank)
         _, keep = lax.top_k(rank, self.slots)  # [B, N, T]
+        (k_new, k_scale), (v_new, v_scale) = self._store(k_new, v_new)
         k = jnp.concatenate([self.k, k_new.transpose(0, 2, 3, 1).astype(self.k.dtype)], axis=3)
         v = jnp.concatenate([self.v, v_new.transpose(0, 2, 1, 3).astype(self.v.dtype)], axis=2)
         pos = jnp.take_along_axis(pos, keep, axis=-1)
         v = jnp.take_along_axis(v, keep[..., None], axis=2)
+        scales = {}
+        if k_scale is not None:
+            for name, new in (("k_scale", k_scale), ("v_scale", v_scale)):
+                both = jnp.concatenate([getattr(self, name), new.transpose(0, 2, 1)], axis=-1)
+                kept = jnp.take_along_axis(both, keep, axis=-1)
+                scales[name] = jnp.where(pos >= 0, kept, 0.0) if name == "v_scale" else kept
         return dataclasses.replace(
             self,
+            **scales,
             k=jnp.take_along_axis(k, keep[:, :, None, :], axis=3),
             v=jnp.where((pos >= 0)[..., None], v, 0).astype(self.v.dtype),
             pos=pos,
             score=jnp.where(pos >= 0, jnp.take_along_axis(score, keep, axis=-1), 0.0),
         )
 
+    def _store(self, k_new: Array, v_new: Array) -> tuple[tuple, tuple]:
+        return store(k_new, self.k, self.k_scale), store(v_new, self.v, self.v_scale)
+
     def reset(self) -> HeavyLayer:
+        scales = {} if self.v_scale is None else {"v_scale": jnp.zeros_like(self.v_scale)}
         return dataclasses.replace(
             self,
+            **scales,
             v=jnp.zeros_like(self.v),
             pos=jnp.full_like(self.pos, -1),
             score=jnp.zeros_like(self.score),
@@ -236,8 +258,12 @@ class HeavyLayer:
     def truncate(self, keep: Array, table: Array | None = None) -> HeavyLayer:
         """Forget positions >= keep[b] (what was evicted stays evicted)."""
         freed = self.pos >= keep[:, None, None]
+        scales = {}
+        if self.v_scale is not None:
+            scales["v_scale"] = jnp.where(freed, 0.0, self.v_scale)
         return dataclasses.replace(
             self,
+            **scales,
             v=jnp.where(freed[..., None], 0, self.v).astype(self.v.dtype),
             pos=jnp.where(freed, -1, self.pos),
             score=jnp.where(freed, 0.0, self.score),

@@ -35,7 +35,7 @@ from jaxkv.cache.base import WritePlan, write_slots
 from jaxkv.cache.dense import DenseLayer
 from jaxkv.cache.heavy import HeavyLayer
 from jaxkv.cache.kinds import Dense, Heavy, Kind, SnapKV, Window, layer_kinds, needs_capacity
-from jaxkv.cache.quant import is_quantized, packed, storage_dtype
+from jaxkv.cache.quant import KVQuant, packed, quant_spec, storage_dtype
 from jaxkv.cache.ring import RingLayer
 from jaxkv.config import ModelConfig
 
@@ -73,6 +73,10 @@ class KVCache:
         resolved = layer_kinds(config, kinds, capacity)
         if needs_capacity(resolved) and capacity is None:
             raise ValueError("a cache with dense layers needs a capacity (slots per row)")
+        spec = check_storage(resolved, dtype)
+        if spec is not None and spec.grouped:
+            # Whole groups: the capacity grows to the next multiple of the group.
+            capacity = -(-capacity // spec.group) * spec.group
         dtype = storage_dtype(dtype or config.dtype)
         if packed(dtype) and config.head_dim % 2:
             raise ValueError(
@@ -82,14 +86,10 @@ class KVCache:
         layers = []
         for kind in resolved:
             if isinstance(kind, Dense):
-                layers.append(DenseLayer.zeros(batch_size, capacity, n, h, dtype))
+                layers.append(
+                    DenseLayer.zeros(batch_size, capacity, n, h, dtype, spec, config.dtype)
+                )
             elif isinstance(kind, (Heavy, SnapKV)):
-                if is_quantized(dtype):
-                    raise ValueError(
-                        "heavy-hitter (H2O) and SnapKV layers store keys and values in the "
-                        f"model's precision; quantized storage ({dtype}) is not supported for "
-                        "them yet"
-                    )
                 if isinstance(kind, Heavy):
                     args = (kind.heavy, kind.recent, n, h, dtype, kind.policy)
                 else:
@@ -98,7 +98,9 @@ class KVCache:
                 layers.append(HeavyLayer.zeros(batch_size, *args))
             else:
                 layers.append(
-                    RingLayer.zeros(batch_size, kind.size, n, h, dtype, kind.sinks, kind.positions)
+                    RingLayer.zeros(
+                        batch_size, kind.size, n, h, dtype, kind.sinks, kind.positions, spec
+                    )
                 )
         dense_slots = capacity if needs_capacity(resolved) else 0
         return cls(
@@ -277,6 +279,28 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes of every array of the cache."""
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+
+def check_storage(kinds: tuple[Kind, ...], cache_dtype: Any) -> KVQuant | None:
+    """The quantized layout of `cache_dtype` (None: full precision), after checking that the
+    resolved layer kinds can store it; raises ValueError naming what cannot."""
+    spec = quant_spec(cache_dtype)
+    if spec is None:
+        return None
+    scored = sorted({type(k).__name__ for k in kinds if isinstance(k, (Heavy, SnapKV))})
+    if scored and spec.scales != "head":
+        raise ValueError(
+            f"{' and '.join(scored)} layers keep different tokens in each KV head's slots: "
+            f"their quantized storage has a scale per token and head, not {spec.describe()}"
+        )
+    if spec.grouped:
+        others = sorted({type(k).__name__ for k in kinds if not isinstance(k, Dense)})
+        if others:
+            raise ValueError(
+                f"{spec.describe()} keeps the group being filled in full precision, which "
+                f"only dense layers have; this cache also has {', '.join(others)} layers"
+            )
+    return spec
 
 
 def cache_memory_bytes(

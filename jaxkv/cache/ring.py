@@ -63,10 +63,11 @@ class RingLayer:
         dtype: Any,
         sinks: int = 0,
         sink_positions: str = "cache",
+        spec: Any = None,
     ) -> RingLayer:
         slots = sinks + window
         return cls(
-            **kv_zeros(batch_size, slots, n_kv_heads, head_dim, dtype),
+            **kv_zeros(batch_size, slots, n_kv_heads, head_dim, dtype, spec),
             pos=jnp.full((batch_size, slots), -1, jnp.int32),
             window=window,
             sinks=sinks,
@@ -101,7 +102,8 @@ class RingLayer:
         rows = jnp.arange(self.pos.shape[0])[:, None]
         pos = self.pos.at[rows, slots].set(ordered_after(plan.positions, pos_dep), mode="drop")
         quantized = self.k_scale is not None
-        (k_new, k_scale), (v_new, v_scale) = store(k_new, self.k), store(v_new, self.v)
+        (k_new, k_scale) = store(k_new, self.k, self.k_scale)
+        (v_new, v_scale) = store(v_new, self.v, self.v_scale)
         if after is not None:  # shaped like what is stored (int4 packs head_dim in halves)
             after = after[..., : k_new.shape[-1]]
         out = dataclasses.replace(
