@@ -187,3 +187,29 @@ def test_layout_errors():
         KVCache.init(cfg, 1, 64, KVQuant("int8", "kivi"), Window(16))
     cache = KVCache.init(cfg, 1, 60, KVQuant("int8", "kivi", 8))
     assert cache.capacity == 64  # whole groups
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_token_scales_in_a_ring_equal_the_dense_layer(dtype, rng):
+    """Scales shared by the heads in ring layers: a ring (with sinks) wider than the
+    sequence gives the dense layer's logits with the same layout, through prefill and
+    decode; a narrower one runs past its window."""
+    cfg, params = tiny("test-gqa")
+    spec = KVQuant(dtype, "token")
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (7, 12)]
+    toks = rng.integers(0, cfg.vocab_size, (8, 2)).astype(np.int32)
+    runs = []
+    for kind in (None, Window(40, sinks=2)):
+        out, c = jaxkv.prefill(params, cfg, prompts, capacity=64, cache=kind, cache_dtype=spec)
+        logits = [out]
+        for t in toks:
+            out, c = jaxkv.decode_step(params, cfg, c, t)
+            logits.append(out)
+        assert c.layers[0].k_scale.shape[1] == 1
+        runs.append(logits)
+    for got, want in zip(*runs, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    res = jaxkv.generate(
+        params, cfg, prompts, max_new_tokens=30, cache=Window(8, sinks=2), cache_dtype=spec
+    )
+    assert res.tokens.shape == (2, 30)

@@ -114,7 +114,7 @@ class RingLayer:
         )
         if not quantized:
             return out
-        dep = None if after is None else after[..., 0]
+        dep = None if after is None else after[..., : k_scale.shape[-1], 0]  # [B, S, n]
         return dataclasses.replace(
             out,
             k_scale=scatter_slots(self.k_scale, k_scale, slots, 2, dep),
