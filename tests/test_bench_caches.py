@@ -36,6 +36,8 @@ def test_cache_benchmarks_smoke(tmp_path):
     assert quant[("int8", "per token")]["bytes_per_token"] < int8["bytes_per_token"]
     assert len(quant) == 11  # float, and 5 layouts of int8 and of int4
     assert out["kv_quant_step_ratio"] > 0
+    (over,) = out["score_overhead"]
+    assert over["h2o_over_ring"] > 0 and set(over["step_ms"]) == {"ring", "h2o", "snapkv+ring"}
     ev = {(r["protocol"], r["policy"], r["budget_fraction"]) for r in out["eviction_ppl"]}
     stream = ("h2o", "sinks+window", "window", "random")
     prompt = (*stream, "snapkv+window", "snapkv+h2o")

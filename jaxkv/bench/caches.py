@@ -6,6 +6,13 @@
   full cache, window only, sinks + window at cache positions and at original positions, and
   the recompute oracle; the bundled model on held-out Python files, the real model
   (SmolLM2-135M-Instruct, when fetched) on English prose; per-position curves as a plot;
+- eviction at 20% and 50% of the text: H2O, sinks + window, window, random, and (after a
+  prompt block) SnapKV followed by a ring or by H2O, in two protocols (`eviction_ppl`);
+- quantized storage: each dtype and scale layout (per token and head, per token, KIVI, with
+  and without the full-precision residual) against the float cache: perplexity change, top-1
+  agreement, bytes per token (`kv_quant`); the decode step against float at 4096 of 8192
+  (`kv_quant_step`); H2O's and SnapKV's step against a ring of the same slots
+  (`score_overhead`);
 - hybrid: K/V memory and step time of 5 local (W = 1024) per global layer against all-dense;
 - cost per step: a long generation from a short prompt, total time against the sum of isolated
   steps at each position, with the decode loop in growing-span groups and in one group.
@@ -306,6 +313,40 @@ def kv_quant_step(name: str, position: int, capacity: int) -> dict[str, Any]:
     }
 
 
+def score_overhead(name: str, slots: int, steps: int = 64) -> dict[str, Any]:
+    """Decode step time of H2O (half heavy, half recent) and SnapKV + ring against a ring
+    of the same number of slots, each full (a 2 x slots prompt), timed in alternation."""
+    from jaxkv.cache import Heavy, SnapKV
+
+    config = preset(name)
+    params = random_params(config, jax.random.key(0), jnp.float32)
+    kinds = {
+        "ring": Window(slots),
+        "h2o": Heavy(slots // 2, slots - slots // 2),
+        "snapkv+ring": SnapKV(slots, 32, decode="ring"),
+    }
+    prompt = [[int(i % (config.vocab_size - 1)) + 1 for i in range(2 * slots)]]
+
+    def fresh(kind: Any) -> Any:
+        return generate(params, config, prompt, max_new_tokens=1, cache=kind).state
+
+    for kind in kinds.values():  # compile
+        _time_resume(params, config, fresh(kind), steps, None)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(3):
+        for label, kind in kinds.items():
+            t, _ = _time_resume(params, config, fresh(kind), steps, None)
+            times[label].append(t)
+    best = {k: min(v) * 1e3 for k, v in times.items()}
+    return {
+        "model": name,
+        "slots": slots,
+        "step_ms": best,
+        "h2o_over_ring": best["h2o"] / best["ring"],
+        "snapkv_ring_over_ring": best["snapkv+ring"] / best["ring"],
+    }
+
+
 def hybrid(position: int, capacity: int = 32768) -> dict[str, Any]:
     """5 local layers (W = 1024) per global layer, against the same model all-dense."""
     types = ("sliding_attention",) * 5 + ("full_attention",)
@@ -464,6 +505,11 @@ def run(quick: bool, smoke: bool = False, out_dir: Path | None = None) -> dict[s
         out["kv_quant_step"].append(kv_quant_step(name, position, capacity))
     out["kv_quant_step_ratio"] = out["kv_quant_step"][0]["int8_over_float"]
 
+    out["score_overhead"] = []
+    for name, slots in [("test-gqa", 64)] if smoke else [("llama-3m", 1024), ("llama-110m", 1024)]:
+        _log(f"H2O and SnapKV step against a ring: {name}, {slots} slots")
+        out["score_overhead"].append(score_overhead(name, slots))
+
     _log("hybrid 5:1, W = 1024, capacity 32768")
     out["hybrid"] = hybrid(256 if smoke else 4096)
     out["hybrid_memory_ratio"] = out["hybrid"]["hybrid_memory_ratio"]
@@ -546,6 +592,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['int8_over_float']:.2f} | {r['int4_over_float']:.2f} | "
             f"{r.get('int8_kivi_residual_over_float', float('nan')):.2f} |"
             for r in result.get("kv_quant_step", [])
+        ],
+        "",
+        "### Score-based eviction: step time against a ring of the same slots",
+        "",
+        "| model | slots | ring ms | H2O ms | SnapKV+ring ms | H2O/ring | SnapKV+ring/ring |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {r['model']} | {r['slots']} | {r['step_ms']['ring']:.3f} | "
+            f"{r['step_ms']['h2o']:.3f} | {r['step_ms']['snapkv+ring']:.3f} | "
+            f"{r['h2o_over_ring']:.2f} | {r['snapkv_ring_over_ring']:.2f} |"
+            for r in result.get("score_overhead", [])
         ],
         "",
         "### Cost per step follows the filled length",
