@@ -128,8 +128,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"jaxkv generate: {e}") from None
     kind = _cache_kind(args, "jaxkv generate")
     config, params, tokenizer, _ = _load(args.model, args.dtype)
-    _check_storage(config, kind, _kv_dtype(args, "jaxkv generate"), "jaxkv generate")
     ids = tokenizer.encode(prompt)
+    from jaxkv.decode import default_capacity
+
+    capacity = default_capacity(len(ids), args.max_new_tokens)
+    _check_storage(config, kind, _kv_dtype(args, "jaxkv generate"), capacity, "jaxkv generate")
     total = len(ids) + args.max_new_tokens
     if config.position == "learned" and total > config.max_seq_len and kind is None:
         raise UsageError(
@@ -201,13 +204,13 @@ def _stream(
     return 0
 
 
-def _check_storage(config: Any, kind: Any, dtype: Any, command: str) -> None:
-    """A usage error if the layers `kind` picks cannot store `dtype`."""
+def _check_storage(config: Any, kind: Any, dtype: Any, capacity: int, command: str) -> None:
+    """A usage error if the layers `kind` picks (at `capacity`) cannot store `dtype`."""
     from jaxkv.cache import layer_kinds
     from jaxkv.cache.kvcache import check_storage
 
     try:
-        check_storage(layer_kinds(config, kind, None), dtype)
+        check_storage(layer_kinds(config, kind, capacity), dtype)
     except ValueError as e:
         raise UsageError(f"{command}: {e}") from None
 
@@ -281,7 +284,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters: {n_params:,} ({mib:.1f} MiB in {config.dtype})")
     kind = _cache_kind(args, "jaxkv info")
     dt = _kv_dtype(args, "jaxkv info")
-    _check_storage(config, kind, dt, "jaxkv info")
+    _check_storage(config, kind, dt, args.capacity, "jaxkv info")
     nbytes = cache_memory_bytes(config, args.batch_size, args.capacity, dt, kind)
     shapes = jax.eval_shape(lambda: KVCache.init(config, args.batch_size, args.capacity, dt, kind))
     print(

@@ -142,6 +142,12 @@ def _cache_layout(
                 f"cache_dtype={cache_dtype} was given with a cache stored as {held}; give one "
                 "or the other"
             )
+        spec, layout = quant_spec(cache_dtype), cache.storage()
+        if spec is not None and layout is not None and spec != layout:
+            raise ValueError(
+                f"cache_dtype={spec.describe()} was given with a cache stored as "
+                f"{layout.describe()}; give one or the other"
+            )
         return _Layout(cache, cache.capacity if cache.has_dense else None, None)
     capacity = checks.check_capacity(capacity) if capacity is not None else default_cap
     kinds = layer_kinds(config, cache, capacity)
@@ -178,6 +184,12 @@ def _loop_args(
     pad_id = checks.check_token_id("pad_id", pad_id, config.vocab_size)
     eos = np.asarray(checks.eos_tuple(eos_ids, config.vocab_size), np.int32)
     return max_new_tokens, sampling, eos, pad_id
+
+
+def default_capacity(longest: int, max_new_tokens: int) -> int:
+    """Dense slots per row `generate` gives a fresh cache by default: the longest prompt's
+    bucket plus the new tokens."""
+    return bucket_length(longest, _NO_LIMIT) + max_new_tokens
 
 
 def _dtype_name(cache_dtype: Any) -> Any:
@@ -217,7 +229,7 @@ def _request(
     chunk = check_chunk(prefill_chunk)
     rows = checks.token_rows(prompts, config.vocab_size)
     longest = max(len(r) for r in rows)
-    default_cap = bucket_length(longest, _NO_LIMIT) + max_new_tokens
+    default_cap = default_capacity(longest, max_new_tokens)
     layout = _cache_layout(config, cache, len(rows), capacity, default_cap, "generate", cache_dtype)
     checks.check_fits(longest, max_new_tokens, layout.capacity or _NO_LIMIT, config)
     rules = _rules(config, mesh, len(rows))

@@ -25,6 +25,7 @@ from jax import lax
 
 from jaxkv import checks
 from jaxkv.cache import Kind, KVCache, layer_kinds
+from jaxkv.cache.kvcache import check_storage
 from jaxkv.config import ModelConfig
 from jaxkv.model import Params, apply
 
@@ -142,12 +143,14 @@ def token_scores(
         raise ValueError(
             f"{len(row)} tokens need {len(row) - 1} cache slots, over the capacity {capacity}"
         )
+    kinds = None if cache is None else layer_kinds(config, cache, capacity)
+    check_storage(layer_kinds(config, kinds, capacity), cache_dtype)
     nll, top1 = _nll(
         params,
         jnp.asarray(row, jnp.int32),
         config=config,
         capacity=capacity,
-        kinds=None if cache is None else layer_kinds(config, cache, capacity),
+        kinds=kinds,
         cache_dtype=cache_dtype,
         prompt=prompt,
     )

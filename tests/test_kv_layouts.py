@@ -55,16 +55,18 @@ SPECS = [
 ]
 
 
+@pytest.mark.parametrize("lengths", [(13, 6), (20, 6)])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
-def test_stored_values_equal_a_numpy_quantization_of_the_float_cache(spec):
+def test_stored_values_equal_a_numpy_quantization_of_the_float_cache(spec, lengths):
     """A one-layer model (its keys and values depend on the tokens alone) fed the same ragged
     prefill, decode steps with a paused row, and an extension, through a float cache and a
     quantized one: after each, the quantized store dequantizes to the NumPy quantization of
     the float cache's contents (KIVI key groups scaled over the tokens they hold so far), and
-    the residual holds the group being filled exactly."""
+    the residual holds the group being filled exactly. (A 20-token prompt is padded to a
+    32-token bucket: its trailing padding columns must not move the copy.)"""
     cfg, params = tiny_cfg(n_layers=1)
     rng = np.random.default_rng(7)
-    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (13, 6)]
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
     _, cf = jaxkv.prefill(params, cfg, prompts, capacity=64)
     _, cq = jaxkv.prefill(params, cfg, prompts, capacity=64, cache_dtype=spec)
     qmax = 7.0 if spec.dtype == "int4" else 127.0
@@ -80,10 +82,12 @@ def test_stored_values_equal_a_numpy_quantization_of_the_float_cache(spec):
             mask = held[:, None, None, :] if keys else held[:, None, :, None]
             np.testing.assert_allclose(np.where(mask, got, 0), want, rtol=1e-5, atol=1e-6)
         if spec.grouped:
-            start = (int(cq.index) // 8) * 8
+            start = (int(cq.index) - 1) // 8 * 8  # the group of the last slot stored
             np.testing.assert_array_equal(
                 q.k_res[..., : int(cq.index) - start], f.k[..., start : int(cq.index)]
             )
+            want_pos = np.asarray(cf.positions)[:, start : start + 8]
+            np.testing.assert_array_equal(np.asarray(q.res_pos), want_pos)
 
     check()
     for step in range(11):
@@ -175,6 +179,31 @@ def test_truncate_reloads_the_residual_from_the_store():
     assert np.asarray(layer.res_pos).tolist() == [[16, 17, -1, -1, -1, -1, -1, -1]]
     _, cache = jaxkv.decode_step(params, cfg, cache, np.array([3], np.int32))
     assert int(cache.index) == 19
+    # Within the group being filled the copy stays exact (full precision, not reloaded).
+    k_res = np.asarray(cache.layers[1].k_res)
+    cache = cache.truncate(17)
+    layer = cache.layers[1]
+    np.testing.assert_array_equal(np.asarray(layer.k_res)[..., :1], k_res[..., :1])
+    assert np.asarray(layer.res_pos).tolist() == [[16] + [-1] * 7]
+    assert float(jnp.abs(layer.v_res[:, :, 1:]).max()) == 0.0  # freed values zeroed
+
+
+def test_a_full_cache_keeps_its_full_precision_copy():
+    """Steps on a full cache store nothing and leave the copy of the last group alone."""
+    cfg, params = tiny("test-gqa")
+    spec = KVQuant("int8", "kivi", 8, residual=True)
+    _, cache = jaxkv.prefill(params, cfg, [list(range(1, 13))], capacity=16, cache_dtype=spec)
+    for t in range(4):
+        _, cache = jaxkv.decode_step(params, cfg, cache, np.array([t + 1], np.int32))
+    assert cache.room() == 0
+    before = np.asarray(cache.layers[0].k_res)
+    logits = []
+    for _ in range(2):
+        out, cache = jaxkv.decode_step(params, cfg, cache, np.array([5], np.int32))
+        logits.append(np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(cache.layers[0].k_res), before)
+    assert np.asarray(cache.layers[0].res_pos).tolist() == [list(range(8, 16))]
+    np.testing.assert_array_equal(logits[0], logits[1])
 
 
 def test_layout_errors():
@@ -187,6 +216,22 @@ def test_layout_errors():
         KVCache.init(cfg, 1, 64, KVQuant("int8", "kivi"), Window(16))
     cache = KVCache.init(cfg, 1, 60, KVQuant("int8", "kivi", 8))
     assert cache.capacity == 64  # whole groups
+    assert cache.storage() == KVQuant("int8", "kivi", 8)
+    params = tiny("test-gqa")[1]
+    reused = KVCache.init(cfg, 1, 64, "int8")
+    with pytest.raises(ValueError, match=r"cache_dtype=int8 \(kivi scales.*stored as int8 \(head"):
+        jaxkv.generate(
+            params,
+            cfg,
+            [[1, 2]],
+            max_new_tokens=4,
+            cache=reused,
+            cache_dtype=KVQuant(scales="kivi"),
+        )
+    from jaxkv.evaluation import perplexity
+
+    with pytest.raises(ValueError, match="only dense layers have"):
+        perplexity(params, cfg, [1, 2, 3], cache=Window(2), cache_dtype=KVQuant(residual=True))
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])

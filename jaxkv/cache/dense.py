@@ -206,16 +206,26 @@ class DenseLayer:
             return buf.at[where].set(value.astype(buf.dtype), mode="drop")
 
         groups = first // r + jnp.arange(length // r)
-        last = jnp.where(jnp.any(plan.valid), (off + s - 1) // r * r, 0)
+        # The copy moves to the group of the last column any row stored (trailing padding
+        # columns store nothing, and the shared index moves past `used` columns only, as in
+        # KVCache.commit); a write that stores nothing (a full cache, every row paused) keeps
+        # the copy as it is.
+        used = jnp.max(jnp.where(plan.valid, jnp.arange(1, s + 1, dtype=jnp.int32), 0))
+        last = jnp.maximum(off + used - 1, 0) // r * r
+        stored = used > 0
+
+        def moved(old: Array, region: Array, axis: int) -> Array:
+            return jnp.where(stored, lax.dynamic_slice_in_dim(region, last, r, axis=axis), old)
+
         return dataclasses.replace(
             self,
             k=put(self.k, kq, slots, 3),
             v=put(self.v, vq, slots, 2),
             k_scale=put(self.k_scale, ks, groups if ks.ndim == 4 else slots, ks.ndim - 1),
             v_scale=put(self.v_scale, vs, slots, 2),
-            k_res=lax.dynamic_slice_in_dim(kr, last, r, axis=3),
-            v_res=lax.dynamic_slice_in_dim(vr, last, r, axis=2),
-            res_pos=lax.dynamic_slice_in_dim(pos, last, r, axis=1),
+            k_res=moved(self.k_res, kr, 3),
+            v_res=moved(self.v_res, vr, 2),
+            res_pos=moved(self.res_pos, pos, 1),
         )
 
     def reset(self) -> DenseLayer:
@@ -229,15 +239,18 @@ class DenseLayer:
 
     def truncate(self, keep: Array, table: Array) -> DenseLayer:
         """Forget positions >= keep[b] (`table`: the shared position table before); their
-        values are zeroed. A layer with a full-precision group copy reloads it from the
+        values are zeroed. A layer with a full-precision copy of the group being filled keeps
+        it when the rollback stays in that group, and otherwise reloads it from the
         (dequantized) store of the group now being filled: tokens rolled back into a group
         that was complete are read as quantized from then on."""
         freed = table >= keep[:, None]
         out = zero_values(self, freed)
         if not self.group:
             return dataclasses.replace(self, **out)
+        slot = jnp.arange(1, self.slots + 1)
         held = jnp.any(~freed & (table >= 0), axis=0)
-        index = jnp.max(jnp.where(held, jnp.arange(1, self.slots + 1), 0), initial=0)
+        index = jnp.max(jnp.where(held, slot, 0), initial=0)
+        before = jnp.max(jnp.where(jnp.any(table >= 0, axis=0), slot, 0), initial=0)
         start, r = self._group_start(index), self.group
         k = lax.dynamic_slice_in_dim(self.k, start, r, axis=3)
         ks = self.k_scale
@@ -247,10 +260,16 @@ class DenseLayer:
             ks = lax.dynamic_slice_in_dim(ks, start, r, axis=2)
         v = lax.dynamic_slice_in_dim(out["v"], start, r, axis=2)
         vs = lax.dynamic_slice_in_dim(out["v_scale"], start, r, axis=2)
-        out["k_res"] = dequantize(k, ks, 3, self.k_res.dtype)
-        out["v_res"] = dequantize(v, vs, 2, self.v_res.dtype)
         kept = jnp.where(freed, -1, table)
-        out["res_pos"] = lax.dynamic_slice_in_dim(kept, start, r, axis=1)
+        res_pos = lax.dynamic_slice_in_dim(kept, start, r, axis=1)
+        # Rolled back within the group being filled: the copy stays (its freed slots
+        # emptied); into an earlier group: the copy is reloaded from the store.
+        same = (before > 0) & (start == (before - 1) // r * r)  # the copy's group
+        gone = (self.res_pos < 0) | (self.res_pos >= keep[:, None])  # [B, R]
+        kept_v = jnp.where(gone[:, None, :, None], 0, self.v_res).astype(self.v_res.dtype)
+        out["k_res"] = jnp.where(same, self.k_res, dequantize(k, ks, 3, self.k_res.dtype))
+        out["v_res"] = jnp.where(same, kept_v, dequantize(v, vs, 2, self.v_res.dtype))
+        out["res_pos"] = jnp.where(same, jnp.where(gone, -1, self.res_pos), res_pos)
         return dataclasses.replace(self, **out)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:

@@ -148,6 +148,23 @@ class KVCache:
             names[name] = names.get(name, 0) + 1
         return " + ".join(f"{n} x {name}" for name, n in names.items())
 
+    def storage(self) -> KVQuant | None:
+        """The quantized layout the cache holds (None: full precision), read from the first
+        quantized layer's arrays."""
+        for layer in self.layers:
+            if layer.k_scale is None:
+                continue
+            dtype = "int4" if packed(layer.k.dtype) else "int8"
+            group = getattr(layer, "group", 0)
+            if layer.k_scale.ndim == 4:
+                scales = "kivi"
+            elif layer.k_scale.shape[1] == 1 and layer.k.shape[1] > 1:
+                scales = "token"
+            else:
+                scales = "head"
+            return KVQuant(dtype, scales, group or 32, bool(getattr(layer, "residual", False)))
+        return None
+
     def plan_write(self, positions: Array) -> WritePlan:
         """Plan the write of S new tokens per row (`positions` int32 [B, S], -1: not stored).
         With dense layers, a write that does not fit in the capacity stores nothing."""
