@@ -25,5 +25,12 @@ timeout "${PREFILL_TIMEOUT:-120}" python3 scripts/prefill_attention.py --dtype b
 timeout "${CACHE_TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_cache_kinds.py -k "ring_equals or sinks_equal or hybrid_layers or compiled or nan" \
   2>&1 | tail -20 | tee "$OUT/cache_tests.txt"
+# Issue 13: H2O's and SnapKV's kept slots against their NumPy references, each quantized
+# layout against a NumPy quantization of the float cache, in-place programs, on the GPU.
+timeout "${EVICT_TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider \
+  tests/test_heavy.py tests/test_snapkv.py tests/test_kv_layouts.py \
+  -k "reference or in_place or equals_dense or continues or numpy or residual" \
+  2>&1 | tail -20 | tee "$OUT/evict_tests.txt"
+# The cache benchmarks (eviction in both protocols, quantized layouts, their step times).
 timeout "${CACHES_TIMEOUT:-300}" python3 scripts/bench.py --suite caches --quick \
   --out "$OUT/caches" 2>&1 | tee "$OUT/caches_log.txt"
