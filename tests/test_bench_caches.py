@@ -49,5 +49,6 @@ def test_cache_benchmarks_smoke(tmp_path):
     # The plot needs matplotlib (the bench extra; the test extra does without it).
     has_plotting = importlib.util.find_spec("matplotlib") is not None
     assert (tmp_path / "ppl_bundled.png").exists() == has_plotting
+    assert (tmp_path / "eviction_bundled.png").exists() == has_plotting
     md = caches.markdown(out)
     assert "Perplexity under a budget" in md and "sinks+window (cache positions)" in md

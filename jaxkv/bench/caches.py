@@ -152,6 +152,37 @@ def plot_curves(curves: dict[str, np.ndarray], title: str, path: Path, every: in
     plt.close(fig)
 
 
+def plot_eviction(rows: list[dict[str, Any]], model: str, path: Path) -> None:
+    """Perplexity against the budget, one line per policy, one panel per protocol (the full
+    cache as a dashed line)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    mine = [r for r in rows if r["model"] == model]
+    protocols = list(dict.fromkeys(r["protocol"] for r in mine))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.5), squeeze=False)
+    for ax, protocol in zip(axes[0], protocols, strict=True):
+        here = [r for r in mine if r["protocol"] == protocol]
+        for policy in dict.fromkeys(r["policy"] for r in here):
+            pts = sorted((r["budget_fraction"], r["ppl"]) for r in here if r["policy"] == policy)
+            if policy == "full":
+                ax.axhline(pts[0][1], color="black", linestyle="--", label="full")
+                continue
+            ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
+        ax.set_xlabel("budget (fraction of the text)")
+        ax.set_ylabel("perplexity")
+        ax.set_yscale("log")
+        ax.set_title(f"{model}: {protocol}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def eviction_ppl(
     config: ModelConfig, params: Params, tokens: np.ndarray, label: str
 ) -> list[dict[str, Any]]:
@@ -494,6 +525,10 @@ def run(quick: bool, smoke: bool = False, out_dir: Path | None = None) -> dict[s
     if real is not None and not smoke:
         ids_r = np.asarray(tok_r.encode(eval_text()))[: 512 if quick else 2048]
         out["eviction_ppl"] += eviction_ppl(cfg_r, params_r, ids_r, "SmolLM2-135M (prose)")
+    if out_dir is not None:
+        for model in dict.fromkeys(r["model"] for r in out["eviction_ppl"]):
+            name = "smollm2" if model.startswith("SmolLM2") else "bundled"
+            plot_eviction(out["eviction_ppl"], model, out_dir / f"eviction_{name}.png")
     out["kv_quant"] = kv_quant(cfg_b, params_b, ids_q[: n_text // 2], "bundled (held-out Python)")
     if real is not None and not smoke:
         ids_r = np.asarray(tok_r.encode(eval_text()))[: 512 if quick else 2048]
