@@ -320,6 +320,13 @@ def _attend_one(
     return out, Received(got, jnp.sum(jnp.where(real, w_new / denom, 0.0), axis=2)[..., None])
 
 
+def _rms(x: Array, scale: Array, eps: float) -> Array:
+    """RMSNorm over the last axis in float32, returned in x's dtype."""
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    return (h * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 def _narrower(a: int | None, b: int | None) -> int | None:
     """The smaller of two windows (None: no window)."""
     if a is None or b is None:
@@ -350,6 +357,9 @@ class Attention(nn.Module):
             bias = self.param("qkv_bias", nn.initializers.zeros, (cfg.n_kv_heads, g + 2, hd))
             h = h + bias.astype(x.dtype)
         q, k, v = h[:, :, :, :g], h[:, :, :, g], h[:, :, :, g + 1]
+        if cfg.qk_norm == "head":  # over head_dim, before the rotary embedding (Qwen3)
+            q = _rms(q, self.param("q_norm", nn.initializers.ones, (hd,)), cfg.norm_eps)
+            k = _rms(k, self.param("k_norm", nn.initializers.ones, (hd,)), cfg.norm_eps)
         q_raw = q
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)

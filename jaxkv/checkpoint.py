@@ -25,7 +25,8 @@ import numpy as np
 
 from jaxkv.config import LAYER_TYPES, ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gpt2")
+_HF_QWEN3_HEAD_DIM = 128  # Qwen3Config's default head_dim (not hidden_size / heads)
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # Buffers some checkpoints carry that hold no parameters.
 _IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
@@ -111,7 +112,7 @@ def _windows_from_hf(
     n = hf["num_hidden_layers"]
     if model_type == "llama":
         return None, None
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         use = bool(hf.get("use_sliding_window", False))
         window = hf.get("sliding_window", _HF_SLIDING_WINDOW) if use else None
         if types is None:
@@ -129,7 +130,7 @@ def _windows_from_hf(
     if "sliding_attention" not in types:
         return None, None
     if window is None:
-        why = " (use_sliding_window is false)" if model_type == "qwen2" else ""
+        why = " (use_sliding_window is false)" if model_type in ("qwen2", "qwen3") else ""
         raise CheckpointError(
             f"layer_types marks sliding_attention layers but {model_type} has no "
             f"sliding_window{why}; transformers cannot build their mask either"
@@ -179,8 +180,12 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     if act != "silu":
         raise CheckpointError(f"{model_type} hidden_act {act!r} is not supported (only silu)")
     theta, scaling = _rope_from_hf(hf)
-    # Only llama reads attention_bias / mlp_bias; mistral and ministral have no biases.
-    attention_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
+    # llama and qwen3 read attention_bias (q/k/v and o), llama mlp_bias; mistral and ministral
+    # have no biases, qwen2 q/k/v biases always.
+    attention_bias = model_type in ("llama", "qwen3") and bool(hf.get("attention_bias", False))
+    head_dim = hf.get("head_dim")
+    if model_type == "qwen3" and head_dim is None:
+        head_dim = _HF_QWEN3_HEAD_DIM
     sliding_window, layer_types = _windows_from_hf(hf, model_type)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -188,7 +193,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"],
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"),
+        head_dim=head_dim,
         ffn_dim=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -200,6 +205,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=sliding_window,
         layer_types=layer_types,
+        qk_norm="head" if model_type == "qwen3" else None,
         dtype=dtype,
     )
 
@@ -224,6 +230,13 @@ def hf_model_type(config: ModelConfig) -> str:
         if not ok:
             raise CheckpointError(f"no Hugging Face model type expresses {config}")
         return "gpt2"
+    if config.qk_norm == "head":
+        if config.mlp_bias or config.qkv_bias != config.out_bias:
+            raise CheckpointError(
+                "qwen3 (q/k norms) has q/k/v and output biases together (attention_bias) or "
+                "none, and no MLP biases"
+            )
+        return "qwen3"
     qwen2_biases = config.qkv_bias and not config.out_bias and not config.mlp_bias
     if windows:
         if qwen2_biases:
@@ -269,6 +282,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "mistral": "MistralForCausalLM",
         "ministral": "MinistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
     }[model_type]
     out = {
         **common,
@@ -295,6 +309,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             )
     if model_type == "llama":
         out.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    if model_type == "qwen3":
+        out.update(attention_bias=config.qkv_bias)
     windows = config.layer_windows
     types = ["full_attention" if w is None else "sliding_attention" for w in windows]
     window = next((w for w in windows if w is not None), None)
@@ -302,7 +318,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         out["sliding_window"] = window
     if model_type == "ministral":
         out.update(sliding_window=window, layer_types=types)
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         if window is None:
             out.update(use_sliding_window=False, sliding_window=None)
         else:
@@ -394,6 +410,8 @@ def _llama_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         )
     if cfg.out_bias:
         shapes["self_attn.o_proj.bias"] = (d,)
+    if cfg.qk_norm == "head":
+        shapes.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
     if cfg.mlp_bias:
         shapes.update(
             {"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)}
@@ -438,6 +456,9 @@ def _llama_to_params(
             )
         if cfg.out_bias:
             attn["o_bias"] = t["self_attn.o_proj.bias"]
+        if cfg.qk_norm == "head":
+            attn["q_norm"] = t["self_attn.q_norm.weight"]
+            attn["k_norm"] = t["self_attn.k_norm.weight"]
         mlp = {
             "wi": np.stack([t["mlp.gate_proj.weight"].T, t["mlp.up_proj.weight"].T], 1),
             "wo": t["mlp.down_proj.weight"].T,
@@ -476,6 +497,9 @@ def _llama_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray
             out[pre + "self_attn.v_proj.bias"] = b[:, g + 1].reshape(-1)
         if cfg.out_bias:
             out[pre + "self_attn.o_proj.bias"] = p["attn"]["o_bias"]
+        if cfg.qk_norm == "head":
+            out[pre + "self_attn.q_norm.weight"] = p["attn"]["q_norm"]
+            out[pre + "self_attn.k_norm.weight"] = p["attn"]["k_norm"]
         out[pre + "mlp.gate_proj.weight"] = p["mlp"]["wi"][:, 0].T
         out[pre + "mlp.up_proj.weight"] = p["mlp"]["wi"][:, 1].T
         out[pre + "mlp.down_proj.weight"] = p["mlp"]["wo"].T

@@ -20,6 +20,7 @@ PositionKind = Literal["rope", "learned"]
 _DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_KINDS = ("linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+QK_NORMS = (None, "head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,8 @@ class ModelConfig:
         sliding_window: if set, a query attends only to the last `sliding_window` positions
             (itself included), as in Mistral: on every layer, or with `layer_types` on the
             layers marked "sliding_attention" only.
+        qk_norm: None, or "head": queries and keys RMS-normalized over head_dim (one scale per
+            head dimension, shared by the heads) before the rotary embedding (Qwen3, Gemma 3).
         layer_types: None (every layer alike), or one entry per layer, "full_attention" or
             "sliding_attention" (Hugging Face's names): hybrid local/global models such as
             Gemma 2/3 or Qwen2 with max_window_layers. Sliding layers need `sliding_window`.
@@ -97,6 +100,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
+    qk_norm: str | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -125,6 +129,8 @@ class ModelConfig:
             raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
         if self.position not in ("rope", "learned"):
             raise ValueError(f"position must be 'rope' or 'learned', got {self.position!r}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
         if self.layer_types is not None:
@@ -194,6 +200,8 @@ class ModelConfig:
         n_in = 2 if self.mlp == "swiglu" else 1
         mlp = d * n_in * f + f * d + ((n_in * f + d) if self.mlp_bias else 0)
         norm = d if self.norm == "rms" else 2 * d
+        if self.qk_norm == "head":
+            attn += 2 * hd
         per_layer = attn + mlp + 2 * norm
         total = self.n_layers * per_layer + norm + self.vocab_size * d
         if not self.tie_embeddings:

@@ -6,7 +6,8 @@ cache leaves (faster than `lax.scan` over stacked layers on GPU; see BENCHMARKS.
 
 Param tree (a plain nested dict):
     embed [vocab, d_model]; pos_embed [max_seq_len, d_model] (learned positions only)
-    layers_{i}/attn_norm, attn/{qkv, o, qkv_bias?, o_bias?}, mlp_norm, mlp/{wi, wo, bi?, bo?}
+    layers_{i}/attn_norm, attn/{qkv, o, qkv_bias?, o_bias?, q_norm?, k_norm?}, mlp_norm,
+        mlp/{wi, wo, bi?, bo?}
     final_norm/{scale, bias?}; lm_head [d_model, vocab] (untied only)
 """
 

@@ -52,6 +52,11 @@ FAMILIES = {
     ),
     "mistral-window": lambda: transformers.MistralConfig(**LLAMA_LIKE, sliding_window=6),
     "qwen2": lambda: transformers.Qwen2Config(**LLAMA_LIKE),
+    # q/k RMSNorm over head_dim before RoPE; head_dim 24, not hidden / heads = 16.
+    "qwen3": lambda: transformers.Qwen3Config(**LLAMA_LIKE, head_dim=24),
+    "qwen3-biases-tied": lambda: transformers.Qwen3Config(
+        **LLAMA_LIKE, head_dim=8, attention_bias=True, tie_word_embeddings=True
+    ),
     "gpt2": lambda: transformers.GPT2Config(
         n_embd=64, n_layer=2, n_head=4, n_positions=128, **COMMON
     ),
@@ -68,6 +73,10 @@ def family(request, tmp_path_factory):
     hf_config = FAMILIES[request.param]()
     hf_config._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    with torch.no_grad():  # norms start at one: make each scale matter (and differ)
+        for pname, p in model.named_parameters():
+            if "norm" in pname or "ln_" in pname:
+                p.uniform_(0.5, 1.5)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     return request.param, model, path
@@ -220,6 +229,18 @@ WINDOWED = {
         ),
         {"layer_types": ["attention", SLIDE, "attention"]},
         (None, WINDOW, None),
+    ),
+    # Qwen3 decides as Qwen2 does (and its per-layer caches follow).
+    "qwen3-max-window-layers": (
+        lambda: transformers.Qwen3Config(
+            **THREE_LAYERS,
+            head_dim=16,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+        ),
+        {},
+        (None, WINDOW, WINDOW),
     ),
     "ministral-layer-types": (
         lambda: transformers.MinistralConfig(
@@ -464,7 +485,7 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
         CheckpointError,
-        match="'falcon' is not supported; supported: llama, mistral, ministral, qwen2, gpt2",
+        match="'falcon' is not supported; supported: llama, mistral, ministral, qwen2, qwen3, gpt2",
     ):
         load_pretrained(path)
 
