@@ -361,7 +361,8 @@ class Attention(nn.Module):
             q = _rms(q, self.param("q_norm", nn.initializers.ones, (hd,)), cfg.norm_eps)
             k = _rms(k, self.param("k_norm", nn.initializers.ones, (hd,)), cfg.norm_eps)
         q_raw = q
-        if cfg.position == "rope":
+        rope = cfg.layer_rope(self.layer)
+        if rope:
             q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
             k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
         window, sinks, q_sink, segments = cfg.layer_window(self.layer), 0, None, ()
@@ -369,7 +370,7 @@ class Attention(nn.Module):
             window = _narrower(window, kv.window)
             sinks = kv.sinks
             segments = kv.segments(plan, span)
-            if sinks and kv.sink_positions == "cache" and cfg.position == "rope":
+            if sinks and kv.sink_positions == "cache" and rope:
                 in_cache = jnp.minimum(positions, sinks + window - 1)
                 q_sink = apply_rope(q_raw, in_cache, cfg.rope_theta, cfg.rope_scaling)
         scored = getattr(kv, "needs_probs", False)  # score-based eviction (H2O, SnapKV)

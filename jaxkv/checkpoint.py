@@ -25,7 +25,10 @@ import numpy as np
 
 from jaxkv.config import LAYER_TYPES, ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "smollm3", "gpt2")
+_HF_DEFAULT_THETA = {"smollm3": 2_000_000.0}  # where config.json gives none (else 10000)
+_HF_NO_ROPE_INTERVAL = 4  # SmolLM3Config
+_HF_SMOLLM3_IDS = {"pad_token_id": 128004, "bos_token_id": 128000, "eos_token_id": 128001}
 _HF_QWEN3_HEAD_DIM = 128  # Qwen3Config's default head_dim (not hidden_size / heads)
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # Buffers some checkpoints carry that hold no parameters.
@@ -43,7 +46,8 @@ class CheckpointError(ValueError):
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     params = hf.get("rope_parameters") or {}
-    theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    default = _HF_DEFAULT_THETA.get(hf.get("model_type"), 10000.0)
+    theta = float(hf.get("rope_theta") or params.get("rope_theta") or default)
     scaling = hf.get("rope_scaling") or (params if params.get("rope_type") else None)
     if not scaling:
         return theta, None
@@ -112,7 +116,16 @@ def _windows_from_hf(
     n = hf["num_hidden_layers"]
     if model_type == "llama":
         return None, None
-    if model_type in ("qwen2", "qwen3"):
+    if model_type == "smollm3":
+        # A window only with use_sliding_window; by default the NoPE layers slide.
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        if types is None:
+            rope = _smollm3_rope_layers(hf)
+            types = [
+                "sliding_attention" if window is not None and not r else "full_attention"
+                for r in rope
+            ]
+    elif model_type in ("qwen2", "qwen3"):
         use = bool(hf.get("use_sliding_window", False))
         window = hf.get("sliding_window", _HF_SLIDING_WINDOW) if use else None
         if types is None:
@@ -140,6 +153,19 @@ def _windows_from_hf(
     if "full_attention" not in types:
         return window, None
     return window, tuple(types)
+
+
+def _smollm3_rope_layers(hf: dict[str, Any]) -> list[bool]:
+    """SmolLM3's per-layer RoPE flags: `no_rope_layers` (1: the layer rotates, 0: NoPE),
+    default every `no_rope_layer_interval`-th layer NoPE."""
+    n = hf["num_hidden_layers"]
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        every = hf.get("no_rope_layer_interval", _HF_NO_ROPE_INTERVAL)
+        return [(i + 1) % every != 0 for i in range(n)]
+    if not isinstance(flags, list) or len(flags) != n or any(f not in (0, 1) for f in flags):
+        raise CheckpointError(f"no_rope_layers must be {n} entries of 0 or 1, got {flags!r}")
+    return [bool(f) for f in flags]
 
 
 def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
@@ -182,7 +208,9 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     theta, scaling = _rope_from_hf(hf)
     # llama and qwen3 read attention_bias (q/k/v and o), llama mlp_bias; mistral and ministral
     # have no biases, qwen2 q/k/v biases always.
-    attention_bias = model_type in ("llama", "qwen3") and bool(hf.get("attention_bias", False))
+    attention_bias = model_type in ("llama", "qwen3", "smollm3") and bool(
+        hf.get("attention_bias", False)
+    )
     head_dim = hf.get("head_dim")
     if model_type == "qwen3" and head_dim is None:
         head_dim = _HF_QWEN3_HEAD_DIM
@@ -201,11 +229,12 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         rope_scaling=scaling,
         qkv_bias=model_type == "qwen2" or attention_bias,
         out_bias=attention_bias,
-        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        mlp_bias=model_type in ("llama", "smollm3") and bool(hf.get("mlp_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "smollm3")),
         sliding_window=sliding_window,
         layer_types=layer_types,
         qk_norm="head" if model_type == "qwen3" else None,
+        rope_layers=tuple(_smollm3_rope_layers(hf)) if model_type == "smollm3" else None,
         dtype=dtype,
     )
 
@@ -230,6 +259,13 @@ def hf_model_type(config: ModelConfig) -> str:
         if not ok:
             raise CheckpointError(f"no Hugging Face model type expresses {config}")
         return "gpt2"
+    if config.rope_layers is not None:
+        if config.qk_norm is not None or config.qkv_bias != config.out_bias:
+            raise CheckpointError(
+                "smollm3 (NoPE layers) has no q/k norms and q/k/v and output biases together "
+                "(attention_bias) or none"
+            )
+        return "smollm3"
     if config.qk_norm == "head":
         if config.mlp_bias or config.qkv_bias != config.out_bias:
             raise CheckpointError(
@@ -283,6 +319,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "ministral": "MinistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
+        "smollm3": "SmolLM3ForCausalLM",
     }[model_type]
     out = {
         **common,
@@ -314,6 +351,18 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     windows = config.layer_windows
     types = ["full_attention" if w is None else "sliding_attention" for w in windows]
     window = next((w for w in windows if w is not None), None)
+    if model_type == "smollm3":
+        out.update(
+            attention_bias=config.qkv_bias,
+            mlp_bias=config.mlp_bias,
+            no_rope_layers=[int(r) for r in config.rope_layers],
+            # SmolLM3Config's default special ids (128000-128004) lie outside a smaller
+            # vocabulary, where transformers refuses them (the tokenizer keeps the real ones).
+            **{k: None for k, v in _HF_SMOLLM3_IDS.items() if v >= config.vocab_size},
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            layer_types=types,
+        )
     if model_type == "mistral":
         out["sliding_window"] = window
     if model_type == "ministral":

@@ -72,6 +72,8 @@ class ModelConfig:
         sliding_window: if set, a query attends only to the last `sliding_window` positions
             (itself included), as in Mistral: on every layer, or with `layer_types` on the
             layers marked "sliding_attention" only.
+        rope_layers: None (with rotary positions: every layer rotates), or one bool per layer,
+            False for a layer without positional encoding (NoPE; SmolLM3's every 4th layer).
         qk_norm: None, or "head": queries and keys RMS-normalized over head_dim (one scale per
             head dimension, shared by the heads) before the rotary embedding (Qwen3, Gemma 3).
         layer_types: None (every layer alike), or one entry per layer, "full_attention" or
@@ -101,6 +103,7 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
     qk_norm: str | None = None
+    rope_layers: tuple[bool, ...] | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -145,6 +148,15 @@ class ModelConfig:
                 raise ValueError(f"layer_types has {bad}; each must be one of {LAYER_TYPES}")
             if "sliding_attention" in types and self.sliding_window is None:
                 raise ValueError("layer_types has sliding_attention layers but no sliding_window")
+        if self.rope_layers is not None:
+            flags = tuple(bool(x) for x in self.rope_layers)
+            object.__setattr__(self, "rope_layers", flags)
+            if len(flags) != self.n_layers:
+                raise ValueError(
+                    f"rope_layers has {len(flags)} entries but n_layers={self.n_layers}"
+                )
+            if self.position != "rope":
+                raise ValueError(f"rope_layers needs position='rope', got {self.position!r}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.dtype not in _DTYPES:
@@ -160,6 +172,12 @@ class ModelConfig:
         if self.layer_types is not None and self.layer_types[layer] == "full_attention":
             return None
         return self.sliding_window
+
+    def layer_rope(self, layer: int) -> bool:
+        """Whether layer `layer` applies the rotary embedding."""
+        if self.position != "rope":
+            return False
+        return self.rope_layers is None or self.rope_layers[layer]
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:

@@ -35,6 +35,7 @@ LLAMA_LIKE = dict(
     max_position_embeddings=128,
     **COMMON,
 )
+SMALL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside the tiny vocabulary
 FAMILIES = {
     "llama-gqa": lambda: transformers.LlamaConfig(**LLAMA_LIKE, rope_theta=500.0),
     "llama-tied-llama3rope-biases": lambda: transformers.LlamaConfig(
@@ -56,6 +57,10 @@ FAMILIES = {
     "qwen3": lambda: transformers.Qwen3Config(**LLAMA_LIKE, head_dim=24),
     "qwen3-biases-tied": lambda: transformers.Qwen3Config(
         **LLAMA_LIKE, head_dim=8, attention_bias=True, tie_word_embeddings=True
+    ),
+    # No RoPE on every 2nd layer (the default is every 4th), tied embeddings.
+    "smollm3": lambda: transformers.SmolLM3Config(
+        **LLAMA_LIKE, **SMALL_IDS, no_rope_layer_interval=2
     ),
     "gpt2": lambda: transformers.GPT2Config(
         n_embd=64, n_layer=2, n_head=4, n_positions=128, **COMMON
@@ -241,6 +246,18 @@ WINDOWED = {
         ),
         {},
         (None, WINDOW, WINDOW),
+    ),
+    # SmolLM3 with use_sliding_window: its NoPE layers slide by default.
+    "smollm3-nope-layers-slide": (
+        lambda: transformers.SmolLM3Config(
+            **THREE_LAYERS,
+            **SMALL_IDS,
+            no_rope_layer_interval=2,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+        ),
+        {},
+        (None, WINDOW, None),
     ),
     "ministral-layer-types": (
         lambda: transformers.MinistralConfig(
@@ -485,7 +502,8 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
         CheckpointError,
-        match="'falcon' is not supported; supported: llama, mistral, ministral, qwen2, qwen3, gpt2",
+        match="'falcon' is not supported; supported: llama, mistral, ministral, qwen2, qwen3, "
+        "smollm3, gpt2",
     ):
         load_pretrained(path)
 
