@@ -360,6 +360,13 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":  # over head_dim, before the rotary embedding (Qwen3)
             q = _rms(q, self.param("q_norm", nn.initializers.ones, (hd,)), cfg.norm_eps)
             k = _rms(k, self.param("k_norm", nn.initializers.ones, (hd,)), cfg.norm_eps)
+        elif cfg.qk_norm == "flat":  # over every head's projection at once (OLMo 2)
+            b, s_len = q.shape[:2]
+            nq, nk = cfg.n_heads * hd, cfg.n_kv_heads * hd
+            q_scale = self.param("q_norm", nn.initializers.ones, (nq,))
+            k_scale = self.param("k_norm", nn.initializers.ones, (nk,))
+            q = _rms(q.reshape(b, s_len, nq), q_scale, cfg.norm_eps).reshape(q.shape)
+            k = _rms(k.reshape(b, s_len, nk), k_scale, cfg.norm_eps).reshape(k.shape)
         q_raw = q
         rope = cfg.layer_rope(self.layer)
         if rope:

@@ -25,10 +25,24 @@ import numpy as np
 
 from jaxkv.config import LAYER_TYPES, ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "smollm3", "gpt2")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "ministral",
+    "qwen2",
+    "qwen3",
+    "smollm3",
+    "olmo2",
+    "gpt2",
+)
 _HF_DEFAULT_THETA = {"smollm3": 2_000_000.0}  # where config.json gives none (else 10000)
 _HF_NO_ROPE_INTERVAL = 4  # SmolLM3Config
-_HF_SMOLLM3_IDS = {"pad_token_id": 128004, "bos_token_id": 128000, "eos_token_id": 128001}
+# Config classes' default special ids; where one lies outside a (small) vocabulary, saving
+# writes None instead, since transformers refuses it (the tokenizer keeps the real ids).
+_HF_SPECIAL_IDS = {
+    "smollm3": {"pad_token_id": 128004, "bos_token_id": 128000, "eos_token_id": 128001},
+    "olmo2": {"pad_token_id": 1, "eos_token_id": 50279},
+}
 _HF_QWEN3_HEAD_DIM = 128  # Qwen3Config's default head_dim (not hidden_size / heads)
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # Buffers some checkpoints carry that hold no parameters.
@@ -114,7 +128,7 @@ def _windows_from_hf(
     """
     types = _hf_layer_types(hf)
     n = hf["num_hidden_layers"]
-    if model_type == "llama":
+    if model_type in ("llama", "olmo2"):
         return None, None
     if model_type == "smollm3":
         # A window only with use_sliding_window; by default the NoPE layers slide.
@@ -208,7 +222,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     theta, scaling = _rope_from_hf(hf)
     # llama and qwen3 read attention_bias (q/k/v and o), llama mlp_bias; mistral and ministral
     # have no biases, qwen2 q/k/v biases always.
-    attention_bias = model_type in ("llama", "qwen3", "smollm3") and bool(
+    attention_bias = model_type in ("llama", "qwen3", "smollm3", "olmo2") and bool(
         hf.get("attention_bias", False)
     )
     head_dim = hf.get("head_dim")
@@ -233,7 +247,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "smollm3")),
         sliding_window=sliding_window,
         layer_types=layer_types,
-        qk_norm="head" if model_type == "qwen3" else None,
+        qk_norm={"qwen3": "head", "olmo2": "flat"}.get(model_type),
+        block_norms="post" if model_type == "olmo2" else "pre",
         rope_layers=tuple(_smollm3_rope_layers(hf)) if model_type == "smollm3" else None,
         dtype=dtype,
     )
@@ -259,6 +274,17 @@ def hf_model_type(config: ModelConfig) -> str:
         if not ok:
             raise CheckpointError(f"no Hugging Face model type expresses {config}")
         return "gpt2"
+    if config.block_norms == "post" or config.qk_norm == "flat":
+        ok = (config.block_norms, config.qk_norm) == ("post", "flat") and not windows
+        if not ok or config.mlp_bias or config.qkv_bias != config.out_bias:
+            raise CheckpointError(
+                "olmo2 has norms after each sublayer and q/k norms over the whole projection "
+                "together, no window, q/k/v and output biases together or none, and no MLP "
+                f"biases; no Hugging Face model type expresses {config}"
+            )
+        return "olmo2"
+    if config.block_norms != "pre":
+        raise CheckpointError(f"no supported Hugging Face model type expresses {config}")
     if config.rope_layers is not None:
         if config.qk_norm is not None or config.qkv_bias != config.out_bias:
             raise CheckpointError(
@@ -320,6 +346,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
         "smollm3": "SmolLM3ForCausalLM",
+        "olmo2": "Olmo2ForCausalLM",
     }[model_type]
     out = {
         **common,
@@ -346,8 +373,11 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             )
     if model_type == "llama":
         out.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "olmo2"):
         out.update(attention_bias=config.qkv_bias)
+    for key, value in _HF_SPECIAL_IDS.get(model_type, {}).items():
+        if value >= config.vocab_size:
+            out[key] = None
     windows = config.layer_windows
     types = ["full_attention" if w is None else "sliding_attention" for w in windows]
     window = next((w for w in windows if w is not None), None)
@@ -356,9 +386,6 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             attention_bias=config.qkv_bias,
             mlp_bias=config.mlp_bias,
             no_rope_layers=[int(r) for r in config.rope_layers],
-            # SmolLM3Config's default special ids (128000-128004) lie outside a smaller
-            # vocabulary, where transformers refuses them (the tokenizer keeps the real ones).
-            **{k: None for k, v in _HF_SMOLLM3_IDS.items() if v >= config.vocab_size},
             use_sliding_window=window is not None,
             sliding_window=window,
             layer_types=types,
@@ -438,9 +465,8 @@ class _Reader:
 def _llama_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor shapes of one llama-like layer (relative names)."""
     d, hd, h, kv, f = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
-    shapes = {
-        "input_layernorm.weight": (d,),
-        "post_attention_layernorm.weight": (d,),
+    shapes = {name: (d,) for name in _norm_names(cfg)}
+    shapes |= {
         "self_attn.q_proj.weight": (h * hd, d),
         "self_attn.k_proj.weight": (kv * hd, d),
         "self_attn.v_proj.weight": (kv * hd, d),
@@ -461,11 +487,33 @@ def _llama_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["self_attn.o_proj.bias"] = (d,)
     if cfg.qk_norm == "head":
         shapes.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+    elif cfg.qk_norm == "flat":
+        shapes.update({"self_attn.q_norm.weight": (h * hd,), "self_attn.k_norm.weight": (kv * hd,)})
     if cfg.mlp_bias:
         shapes.update(
             {"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)}
         )
     return shapes
+
+
+def _norm_names(cfg: ModelConfig) -> dict[str, str]:
+    """A llama-like layer's norm weights: Hugging Face name -> jaxkv block norm."""
+    if cfg.block_norms == "pre":  # Llama: post_attention_layernorm is the MLP's input norm
+        return {
+            "input_layernorm.weight": "attn_norm",
+            "post_attention_layernorm.weight": "mlp_norm",
+        }
+    if cfg.block_norms == "post":  # OLMo 2
+        return {
+            "post_attention_layernorm.weight": "attn_post_norm",
+            "post_feedforward_layernorm.weight": "mlp_post_norm",
+        }
+    return {  # Gemma 2/3
+        "input_layernorm.weight": "attn_norm",
+        "post_attention_layernorm.weight": "attn_post_norm",
+        "pre_feedforward_layernorm.weight": "mlp_norm",
+        "post_feedforward_layernorm.weight": "mlp_post_norm",
+    }
 
 
 def _layer_range(cfg: ModelConfig, progress: bool) -> Iterable[int]:
@@ -505,7 +553,7 @@ def _llama_to_params(
             )
         if cfg.out_bias:
             attn["o_bias"] = t["self_attn.o_proj.bias"]
-        if cfg.qk_norm == "head":
+        if cfg.qk_norm is not None:
             attn["q_norm"] = t["self_attn.q_norm.weight"]
             attn["k_norm"] = t["self_attn.k_norm.weight"]
         mlp = {
@@ -516,8 +564,7 @@ def _llama_to_params(
             mlp["bi"] = np.stack([t["mlp.gate_proj.bias"], t["mlp.up_proj.bias"]])
             mlp["bo"] = t["mlp.down_proj.bias"]
         params[f"layers_{i}"] = {
-            "attn_norm": {"scale": t["input_layernorm.weight"]},
-            "mlp_norm": {"scale": t["post_attention_layernorm.weight"]},
+            **{ours: {"scale": t[theirs]} for theirs, ours in _norm_names(cfg).items()},
             "attn": attn,
             "mlp": mlp,
         }
@@ -546,7 +593,7 @@ def _llama_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray
             out[pre + "self_attn.v_proj.bias"] = b[:, g + 1].reshape(-1)
         if cfg.out_bias:
             out[pre + "self_attn.o_proj.bias"] = p["attn"]["o_bias"]
-        if cfg.qk_norm == "head":
+        if cfg.qk_norm is not None:
             out[pre + "self_attn.q_norm.weight"] = p["attn"]["q_norm"]
             out[pre + "self_attn.k_norm.weight"] = p["attn"]["k_norm"]
         out[pre + "mlp.gate_proj.weight"] = p["mlp"]["wi"][:, 0].T
@@ -556,8 +603,8 @@ def _llama_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray
             out[pre + "mlp.gate_proj.bias"] = p["mlp"]["bi"][0]
             out[pre + "mlp.up_proj.bias"] = p["mlp"]["bi"][1]
             out[pre + "mlp.down_proj.bias"] = p["mlp"]["bo"]
-        out[pre + "input_layernorm.weight"] = p["attn_norm"]["scale"]
-        out[pre + "post_attention_layernorm.weight"] = p["mlp_norm"]["scale"]
+        for theirs, ours in _norm_names(cfg).items():
+            out[pre + theirs] = p[ours]["scale"]
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = params["lm_head"].T
     return out

@@ -20,7 +20,8 @@ PositionKind = Literal["rope", "learned"]
 _DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_KINDS = ("linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-QK_NORMS = (None, "head")
+QK_NORMS = (None, "head", "flat")
+BLOCK_NORMS = ("pre", "post", "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,10 @@ class ModelConfig:
         rope_layers: None (with rotary positions: every layer rotates), or one bool per layer,
             False for a layer without positional encoding (NoPE; SmolLM3's every 4th layer).
         qk_norm: None, or "head": queries and keys RMS-normalized over head_dim (one scale per
-            head dimension, shared by the heads) before the rotary embedding (Qwen3, Gemma 3).
+            head dimension, shared by the heads) before the rotary embedding (Qwen3, Gemma 3);
+            "flat": over the whole projection of all heads, one scale per element (OLMo 2).
+        block_norms: where each block normalizes: "pre" (x + f(norm(x)), Llama), "post"
+            (x + norm(f(x)), OLMo 2) or "both" (x + norm(f(norm(x))), Gemma 2/3).
         layer_types: None (every layer alike), or one entry per layer, "full_attention" or
             "sliding_attention" (Hugging Face's names): hybrid local/global models such as
             Gemma 2/3 or Qwen2 with max_window_layers. Sliding layers need `sliding_window`.
@@ -104,6 +108,7 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None
     qk_norm: str | None = None
     rope_layers: tuple[bool, ...] | None = None
+    block_norms: str = "pre"
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -132,6 +137,8 @@ class ModelConfig:
             raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
         if self.position not in ("rope", "learned"):
             raise ValueError(f"position must be 'rope' or 'learned', got {self.position!r}")
+        if self.block_norms not in BLOCK_NORMS:
+            raise ValueError(f"block_norms must be one of {BLOCK_NORMS}, got {self.block_norms!r}")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -220,7 +227,9 @@ class ModelConfig:
         norm = d if self.norm == "rms" else 2 * d
         if self.qk_norm == "head":
             attn += 2 * hd
-        per_layer = attn + mlp + 2 * norm
+        elif self.qk_norm == "flat":
+            attn += (self.n_heads + self.n_kv_heads) * hd
+        per_layer = attn + mlp + (4 if self.block_norms == "both" else 2) * norm
         total = self.n_layers * per_layer + norm + self.vocab_size * d
         if not self.tie_embeddings:
             total += d * self.vocab_size

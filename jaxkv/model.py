@@ -6,8 +6,8 @@ cache leaves (faster than `lax.scan` over stacked layers on GPU; see BENCHMARKS.
 
 Param tree (a plain nested dict):
     embed [vocab, d_model]; pos_embed [max_seq_len, d_model] (learned positions only)
-    layers_{i}/attn_norm, attn/{qkv, o, qkv_bias?, o_bias?, q_norm?, k_norm?}, mlp_norm,
-        mlp/{wi, wo, bi?, bo?}
+    layers_{i}/attn_norm?, attn/{qkv, o, qkv_bias?, o_bias?, q_norm?, k_norm?}, attn_post_norm?,
+        mlp_norm?, mlp/{wi, wo, bi?, bo?}, mlp_post_norm? (see ModelConfig.block_norms)
     final_norm/{scale, bias?}; lm_head [d_model, vocab] (untied only)
 """
 
@@ -33,7 +33,8 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Transformer block: x + attn(norm(x)), then x + mlp(norm(x)) ("pre" norms), or with the
+    norms after each sublayer ("post": x + norm(attn(x))) or on both sides ("both")."""
 
     config: ModelConfig
     layer: int = 0
@@ -47,11 +48,13 @@ class Block(nn.Module):
         plan: WritePlan | None,
         span: int | None,
     ) -> tuple[Array, LayerCache | None]:
-        h, kv = Attention(self.config, self.layer, name="attn")(
-            Norm(self.config, name="attn_norm")(x), positions, kv, plan, span
-        )
-        x = x + h
-        x = x + Mlp(self.config, name="mlp")(Norm(self.config, name="mlp_norm")(x))
+        cfg = self.config
+        pre, post = cfg.block_norms in ("pre", "both"), cfg.block_norms in ("post", "both")
+        h = Norm(cfg, name="attn_norm")(x) if pre else x
+        h, kv = Attention(cfg, self.layer, name="attn")(h, positions, kv, plan, span)
+        x = x + (Norm(cfg, name="attn_post_norm")(h) if post else h)
+        h = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x) if pre else x)
+        x = x + (Norm(cfg, name="mlp_post_norm")(h) if post else h)
         return x, kv
 
 

@@ -62,6 +62,8 @@ FAMILIES = {
     "smollm3": lambda: transformers.SmolLM3Config(
         **LLAMA_LIKE, **SMALL_IDS, no_rope_layer_interval=2
     ),
+    # Norms after each sublayer (none before), q/k norms over the whole projection.
+    "olmo2": lambda: transformers.Olmo2Config(**LLAMA_LIKE, **SMALL_IDS),
     "gpt2": lambda: transformers.GPT2Config(
         n_embd=64, n_layer=2, n_head=4, n_positions=128, **COMMON
     ),
@@ -503,7 +505,7 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
     with pytest.raises(
         CheckpointError,
         match="'falcon' is not supported; supported: llama, mistral, ministral, qwen2, qwen3, "
-        "smollm3, gpt2",
+        "smollm3, olmo2, gpt2",
     ):
         load_pretrained(path)
 
