@@ -125,6 +125,11 @@ def _dequantized(seg: Segment, dtype: object) -> Segment:
     )
 
 
+def _capped(s: Array, softcap: float | None) -> Array:
+    """Scaled scores, soft-capped as softcap * tanh(s / softcap) (Gemma 2) when given."""
+    return s if softcap is None else jnp.tanh(s / softcap) * softcap
+
+
 def _einsum_scores(spec: str) -> Callable[[Array, Array], Array]:
     return lambda q, k: jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
 
@@ -156,6 +161,8 @@ def attend(
     q_sink: Array | None = None,
     probs: bool = False,
     vote: int = 0,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Array | tuple[Array, Received]:
     """Grouped-query attention of q over the new tokens and the stored segments.
 
@@ -171,35 +178,43 @@ def attend(
     (`Received`: the probability each stored slot and each new token received, summed over
     the block's queries and each KV head's group of query heads), with `vote` > 0 also the
     same sums over the last `vote` positions of each row's block (SnapKV's observation
-    window; blocks of many queries only).
+    window; blocks of many queries only). Scores are scaled by `scale` (default
+    head_dim ** -0.5) and, with `softcap`, capped as softcap * tanh(score / softcap).
     """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.shape[1] == 1:
         qs = None if q_sink is None else q_sink[:, 0]
-        res = _attend_one(q[:, 0], q_pos[:, 0], new, segments, window, sinks, qs, probs)
+        res = _attend_one(
+            q[:, 0], q_pos[:, 0], new, segments, window, sinks, qs, probs, scale, softcap
+        )
         return (res[0][:, None], res[1]) if probs else res[:, None]
     segments = [_dequantized(seg, q.dtype) for seg in segments]  # many queries: worth it
-    fusable = q_sink is None and not probs and all(seg.pos.ndim == 2 for seg in segments)
+    fusable = (
+        q_sink is None
+        and not probs
+        and softcap is None
+        and all(seg.pos.ndim == 2 for seg in segments)
+    )
     impl = _fused_prefill(q.dtype) if fusable else None
     if impl is not None:
         try:
-            return _attend_fused(q, q_pos, new, segments, window, sinks, impl)
+            return _attend_fused(q, q_pos, new, segments, window, sinks, impl, scale)
         except (NotImplementedError, ValueError, RuntimeError):
             if impl == "xla":
                 raise
             # cuDNN refused this shape or dtype at trace time: jaxkv's own form below.
-    scale = q.shape[-1] ** -0.5
     k, v = new
     s = jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32)
     if q_sink is not None:  # the block's own sinks, seen from each query's cache position
         s_sink = jnp.einsum("bsngh,btnh->bngst", q_sink, k, preferred_element_type=jnp.float32)
         s = jnp.where((q_pos < sinks)[:, None, None, None, :], s_sink, s)
     mask = attention_mask(q_pos, q_pos, window, sinks)[:, None, None]
-    scores = [jnp.where(mask, s * scale, _MASKED)]  # each [B, N, G, S, T]
+    scores = [jnp.where(mask, _capped(s * scale, softcap), _MASKED)]  # each [B, N, G, S, T]
     values = [(v, "bngst,btnh->bsngh")]
     for seg in segments:
         s = _segment_scores(q, q_sink, seg, _einsum_scores("bsngh,bnht->bngst"))
         mask = _segment_mask(q_pos, seg.pos, window, sinks)
-        scores.append(jnp.where(mask, s * scale, _MASKED))
+        scores.append(jnp.where(mask, _capped(s * scale, softcap), _MASKED))
         values.append((_masked_values(seg.v, seg.pos, 2), "bngst,bnth->bsngh"))
     top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
     weights = [jnp.exp(s - top) for s in scores]
@@ -228,6 +243,7 @@ def _attend_fused(
     window: int | None,
     sinks: int,
     implementation: str,
+    scale: float,
 ) -> Array:
     """`attend` through jax.nn.dot_product_attention: the stored segments (read before this
     step's write, as in `attend`) and the new keys side by side as one key sequence, with the
@@ -249,7 +265,7 @@ def _attend_fused(
     mask = mask.at[:, :, mask.shape[2] - s :].set(mask[:, :, mask.shape[2] - s :] | own)
     mask = mask[:, None]  # [B, 1, S, T]
     out = jax.nn.dot_product_attention(
-        q.reshape(b, s, n * g, h), k, v, mask=mask, implementation=implementation
+        q.reshape(b, s, n * g, h), k, v, mask=mask, scale=scale, implementation=implementation
     )
     return out.reshape(b, s, n, g, h).astype(q.dtype)
 
@@ -263,15 +279,18 @@ def _attend_one(
     sinks: int,
     q_sink: Array | None,
     probs: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Array | tuple[Array, Received]:
     """`attend` for one query per row (decode): q [B, N, G, H], q_pos [B]; returns
     [B, N, G, H] (and with `probs`, as `attend`: [B, N, T] per segment and [B, N, 1]). The
     token's own key is an elementwise product; the stored keys are two matrix products per KV
     head (or multiply-reduce, see DECODE_BY_REDUCTION)."""
-    scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     qf = q.astype(jnp.float32)
     k, v = new[0][:, 0, :, None, :], new[1][:, 0, :, None, :]  # [B, N, 1, H]
-    s_new = jnp.where(q_pos[:, None, None] >= 0, jnp.sum(qf * k, axis=-1) * scale, _MASKED)
+    s_new = _capped(jnp.sum(qf * k, axis=-1) * scale, softcap)
+    s_new = jnp.where(q_pos[:, None, None] >= 0, s_new, _MASKED)
     if not segments:  # the row sees only itself (or, as padding, nothing: an average)
         out = jnp.broadcast_to(v, q.shape).astype(q.dtype)
         if not probs:
@@ -291,7 +310,7 @@ def _attend_one(
         if seg.k_scale is not None and seg.k_scale.ndim == 3:  # a scale per slot (and head)
             s = s * seg.k_scale[:, :, None, :]
         mask = _segment_mask(q_pos[:, None], seg.pos, window, sinks)[:, :, :, 0]  # [B,n,1,T]
-        scores.append(jnp.where(mask, s * scale, _MASKED))
+        scores.append(jnp.where(mask, _capped(s * scale, softcap), _MASKED))
         values.append((seg.v, seg.v_scale))  # empty slots hold zeros (jaxkv.cache.base)
     top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1) for s in scores])
     top = jnp.maximum(top, s_new)  # [B, N, G]
@@ -320,11 +339,13 @@ def _attend_one(
     return out, Received(got, jnp.sum(jnp.where(real, w_new / denom, 0.0), axis=2)[..., None])
 
 
-def _rms(x: Array, scale: Array, eps: float) -> Array:
-    """RMSNorm over the last axis in float32, returned in x's dtype."""
+def _rms(x: Array, scale: Array, eps: float, plus_one: bool = False) -> Array:
+    """RMSNorm over the last axis in float32 (scaled by 1 + scale with `plus_one`, Gemma),
+    returned in x's dtype."""
     h = x.astype(jnp.float32)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
-    return (h * scale.astype(jnp.float32)).astype(x.dtype)
+    w = scale.astype(jnp.float32)
+    return (h * (1.0 + w if plus_one else w)).astype(x.dtype)
 
 
 def _narrower(a: int | None, b: int | None) -> int | None:
@@ -358,8 +379,9 @@ class Attention(nn.Module):
             h = h + bias.astype(x.dtype)
         q, k, v = h[:, :, :, :g], h[:, :, :, g], h[:, :, :, g + 1]
         if cfg.qk_norm == "head":  # over head_dim, before the rotary embedding (Qwen3)
-            q = _rms(q, self.param("q_norm", nn.initializers.ones, (hd,)), cfg.norm_eps)
-            k = _rms(k, self.param("k_norm", nn.initializers.ones, (hd,)), cfg.norm_eps)
+            one = cfg.norm_plus_one
+            q = _rms(q, self.param("q_norm", nn.initializers.ones, (hd,)), cfg.norm_eps, one)
+            k = _rms(k, self.param("k_norm", nn.initializers.ones, (hd,)), cfg.norm_eps, one)
         elif cfg.qk_norm == "flat":  # over every head's projection at once (OLMo 2)
             b, s_len = q.shape[:2]
             nq, nk = cfg.n_heads * hd, cfg.n_kv_heads * hd
@@ -382,7 +404,19 @@ class Attention(nn.Module):
                 q_sink = apply_rope(q_raw, in_cache, cfg.rope_theta, cfg.rope_scaling)
         scored = getattr(kv, "needs_probs", False)  # score-based eviction (H2O, SnapKV)
         vote = getattr(kv, "vote_queries", 0)
-        out = attend(q, positions, (k, v), segments, window, sinks, q_sink, scored, vote)
+        out = attend(
+            q,
+            positions,
+            (k, v),
+            segments,
+            window,
+            sinks,
+            q_sink,
+            scored,
+            vote,
+            cfg.attn_scale,
+            cfg.attn_softcap,
+        )
         if scored:
             out, probs = out
             kv = kv.write(k, v, plan, after=out[:, :, :, 0], probs=probs)

@@ -33,8 +33,11 @@ SUPPORTED_MODEL_TYPES = (
     "qwen3",
     "smollm3",
     "olmo2",
+    "gemma2",
     "gpt2",
 )
+_HF_GEMMA_HEAD_DIM = 256  # Gemma2Config's default head_dim
+_HF_GEMMA2_SCALAR = 256  # Gemma2Config's query_pre_attn_scalar
 _HF_DEFAULT_THETA = {"smollm3": 2_000_000.0}  # where config.json gives none (else 10000)
 _HF_NO_ROPE_INTERVAL = 4  # SmolLM3Config
 # Config classes' default special ids; where one lies outside a (small) vocabulary, saving
@@ -130,7 +133,12 @@ def _windows_from_hf(
     n = hf["num_hidden_layers"]
     if model_type in ("llama", "olmo2"):
         return None, None
-    if model_type == "smollm3":
+    if model_type == "gemma2":
+        # Every other layer slides (the first one included) unless layer_types says.
+        window = hf.get("sliding_window", _HF_SLIDING_WINDOW)
+        if types is None:
+            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    elif model_type == "smollm3":
         # A window only with use_sliding_window; by default the NoPE layers slide.
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
         if types is None:
@@ -216,18 +224,33 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
             tie_embeddings=hf.get("tie_word_embeddings", True),
             dtype=dtype,
         )
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
+    gemma = model_type == "gemma2"
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if gemma and act not in _TANH_GELUS:
+        raise CheckpointError(f"{model_type} activation {act!r} is not supported ({_TANH_GELUS})")
+    if not gemma and act != "silu":
         raise CheckpointError(f"{model_type} hidden_act {act!r} is not supported (only silu)")
     theta, scaling = _rope_from_hf(hf)
     # llama and qwen3 read attention_bias (q/k/v and o), llama mlp_bias; mistral and ministral
     # have no biases, qwen2 q/k/v biases always.
-    attention_bias = model_type in ("llama", "qwen3", "smollm3", "olmo2") and bool(
+    attention_bias = model_type in ("llama", "qwen3", "smollm3", "olmo2", "gemma2") and bool(
         hf.get("attention_bias", False)
     )
     head_dim = hf.get("head_dim")
     if model_type == "qwen3" and head_dim is None:
         head_dim = _HF_QWEN3_HEAD_DIM
+    if gemma and head_dim is None:
+        head_dim = _HF_GEMMA_HEAD_DIM
+    gemma_fields = {}
+    if gemma:
+        gemma_fields = dict(
+            mlp="geglu",
+            norm_plus_one=True,
+            embed_scale=True,
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", _HF_GEMMA2_SCALAR)),
+            attn_softcap=hf.get("attn_logit_softcapping", 50.0),
+            final_softcap=hf.get("final_logit_softcapping", 30.0),
+        )
     sliding_window, layer_types = _windows_from_hf(hf, model_type)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -244,11 +267,12 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         qkv_bias=model_type == "qwen2" or attention_bias,
         out_bias=attention_bias,
         mlp_bias=model_type in ("llama", "smollm3") and bool(hf.get("mlp_bias", False)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "smollm3")),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in ("smollm3", "gemma2"))),
         sliding_window=sliding_window,
         layer_types=layer_types,
         qk_norm={"qwen3": "head", "olmo2": "flat"}.get(model_type),
-        block_norms="post" if model_type == "olmo2" else "pre",
+        block_norms={"olmo2": "post", "gemma2": "both"}.get(model_type, "pre"),
+        **gemma_fields,
         rope_layers=tuple(_smollm3_rope_layers(hf)) if model_type == "smollm3" else None,
         dtype=dtype,
     )
@@ -274,6 +298,32 @@ def hf_model_type(config: ModelConfig) -> str:
         if not ok:
             raise CheckpointError(f"no Hugging Face model type expresses {config}")
         return "gpt2"
+    gemma = (
+        config.norm_plus_one
+        or config.embed_scale
+        or config.mlp == "geglu"
+        or config.block_norms == "both"
+        or config.query_pre_attn_scalar is not None
+        or config.attn_softcap is not None
+        or config.final_softcap is not None
+    )
+    if gemma:
+        ok = (
+            config.norm_plus_one
+            and config.embed_scale
+            and config.mlp == "geglu"
+            and config.block_norms == "both"
+            and config.qk_norm is None
+            and config.rope_layers is None
+            and not config.mlp_bias
+            and config.qkv_bias == config.out_bias
+        )
+        if not ok:
+            raise CheckpointError(
+                "gemma2 has (1 + w) RMSNorms around each sublayer, scaled embeddings, GeGLU, no "
+                f"q/k norms and no MLP biases; no Hugging Face model type expresses {config}"
+            )
+        return "gemma2"
     if config.block_norms == "post" or config.qk_norm == "flat":
         ok = (config.block_norms, config.qk_norm) == ("post", "flat") and not windows
         if not ok or config.mlp_bias or config.qkv_bias != config.out_bias:
@@ -317,6 +367,11 @@ def hf_model_type(config: ModelConfig) -> str:
     return "llama"
 
 
+def _number(x: float) -> int | float:
+    """x as an int where it is one (config.json fields typed int in transformers)."""
+    return int(x) if float(x).is_integer() else x
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """A Hugging Face config.json dict for `config`."""
     model_type = hf_model_type(config)
@@ -347,6 +402,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "qwen3": "Qwen3ForCausalLM",
         "smollm3": "SmolLM3ForCausalLM",
         "olmo2": "Olmo2ForCausalLM",
+        "gemma2": "Gemma2ForCausalLM",
     }[model_type]
     out = {
         **common,
@@ -375,6 +431,15 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         out.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
     if model_type in ("qwen3", "olmo2"):
         out.update(attention_bias=config.qkv_bias)
+    if model_type == "gemma2":
+        del out["hidden_act"]
+        out.update(
+            attention_bias=config.qkv_bias,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=_number(config.query_pre_attn_scalar or config.head_dim),
+            attn_logit_softcapping=config.attn_softcap,
+            final_logit_softcapping=config.final_softcap,
+        )
     for key, value in _HF_SPECIAL_IDS.get(model_type, {}).items():
         if value >= config.vocab_size:
             out[key] = None
@@ -392,7 +457,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         )
     if model_type == "mistral":
         out["sliding_window"] = window
-    if model_type == "ministral":
+    if model_type in ("ministral", "gemma2"):
         out.update(sliding_window=window, layer_types=types)
     if model_type in ("qwen2", "qwen3"):
         if window is None:

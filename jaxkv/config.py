@@ -14,7 +14,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 Norm = Literal["rms", "layer"]
-Mlp = Literal["swiglu", "gelu"]
+Mlp = Literal["swiglu", "geglu", "gelu"]
 PositionKind = Literal["rope", "learned"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -64,7 +64,8 @@ class ModelConfig:
             exactly this many rows).
         norm: "rms" (RMSNorm, no bias) or "layer" (LayerNorm with bias).
         norm_eps: epsilon of the norms.
-        mlp: "swiglu" (gate/up/down, SiLU) or "gelu" (up/down, tanh-approximated GELU).
+        mlp: "swiglu" (gate/up/down, SiLU), "geglu" (gate/up/down, tanh-approximated GELU on
+            the gate, Gemma) or "gelu" (up/down, tanh-approximated GELU).
         position: "rope" (rotary, split-half layout) or "learned" (absolute table).
         rope_theta: rotary base frequency.
         rope_scaling: optional `RopeScaling` of the rotary frequencies.
@@ -78,6 +79,13 @@ class ModelConfig:
         qk_norm: None, or "head": queries and keys RMS-normalized over head_dim (one scale per
             head dimension, shared by the heads) before the rotary embedding (Qwen3, Gemma 3);
             "flat": over the whole projection of all heads, one scale per element (OLMo 2).
+        norm_plus_one: RMSNorm scales by (1 + weight) (Gemma; weights stored as Gemma's).
+        embed_scale: token embeddings are multiplied by sqrt(d_model) (in the activation
+            dtype, as Gemma does).
+        query_pre_attn_scalar: attention scores are scaled by query_pre_attn_scalar ** -0.5
+            instead of head_dim ** -0.5 (Gemma 2/3).
+        attn_softcap / final_softcap: scores (after scaling) and final logits are soft-capped
+            as cap * tanh(x / cap) (Gemma 2).
         block_norms: where each block normalizes: "pre" (x + f(norm(x)), Llama), "post"
             (x + norm(f(x)), OLMo 2) or "both" (x + norm(f(norm(x))), Gemma 2/3).
         layer_types: None (every layer alike), or one entry per layer, "full_attention" or
@@ -109,6 +117,11 @@ class ModelConfig:
     qk_norm: str | None = None
     rope_layers: tuple[bool, ...] | None = None
     block_norms: str = "pre"
+    norm_plus_one: bool = False
+    embed_scale: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -133,8 +146,12 @@ class ModelConfig:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         if self.norm not in ("rms", "layer"):
             raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}")
-        if self.mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.mlp not in ("swiglu", "geglu", "gelu"):
+            raise ValueError(f"mlp must be 'swiglu', 'geglu' or 'gelu', got {self.mlp!r}")
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be None or > 0, got {value!r}")
         if self.position not in ("rope", "learned"):
             raise ValueError(f"position must be 'rope' or 'learned', got {self.position!r}")
         if self.block_norms not in BLOCK_NORMS:
@@ -168,6 +185,11 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor attention scores are scaled by."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def q_per_kv(self) -> int:
@@ -222,7 +244,7 @@ class ModelConfig:
             attn += (self.n_heads + 2 * self.n_kv_heads) * hd
         if self.out_bias:
             attn += d
-        n_in = 2 if self.mlp == "swiglu" else 1
+        n_in = 1 if self.mlp == "gelu" else 2
         mlp = d * n_in * f + f * d + ((n_in * f + d) if self.mlp_bias else 0)
         norm = d if self.norm == "rms" else 2 * d
         if self.qk_norm == "head":

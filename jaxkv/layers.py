@@ -20,8 +20,8 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 class Norm(nn.Module):
-    """RMSNorm (`config.norm == "rms"`) or LayerNorm with bias (`"layer"`), computed in
-    float32 and returned in the input dtype."""
+    """RMSNorm (`config.norm == "rms"`; scaled by 1 + weight with `norm_plus_one`) or
+    LayerNorm with bias (`"layer"`), computed in float32 and returned in the input dtype."""
 
     config: ModelConfig
 
@@ -33,7 +33,8 @@ class Norm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
         if cfg.norm == "rms":
             h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + cfg.norm_eps)
-            return (h * scale.astype(jnp.float32)).astype(x.dtype)
+            w = scale.astype(jnp.float32)
+            return (h * (1.0 + w if cfg.norm_plus_one else w)).astype(x.dtype)
         bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
         mean = jnp.mean(h, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
@@ -83,14 +84,15 @@ def apply_rope(
 
 
 class Mlp(nn.Module):
-    """SwiGLU (down(silu(gate(x)) * up(x))) or GELU (down(gelu_tanh(up(x)))) MLP."""
+    """SwiGLU (down(silu(gate(x)) * up(x))), GeGLU (down(gelu_tanh(gate(x)) * up(x))) or
+    GELU (down(gelu_tanh(up(x)))) MLP."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        n_in = 2 if cfg.mlp == "swiglu" else 1
+        n_in = 1 if cfg.mlp == "gelu" else 2
         wi = self.param("wi", _init, (cfg.d_model, n_in, cfg.ffn_dim), jnp.float32)
         wo = self.param("wo", _init, (cfg.ffn_dim, cfg.d_model), jnp.float32)
         h = jnp.einsum("bsd,dnf->bsnf", x, wi.astype(x.dtype))
@@ -98,6 +100,8 @@ class Mlp(nn.Module):
             h = h + self.param("bi", nn.initializers.zeros, (n_in, cfg.ffn_dim)).astype(x.dtype)
         if cfg.mlp == "swiglu":
             h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+        elif cfg.mlp == "geglu":
+            h = jax.nn.gelu(h[:, :, 0], approximate=True) * h[:, :, 1]
         else:
             h = jax.nn.gelu(h[:, :, 0], approximate=True)
         out = jnp.einsum("bsf,fd->bsd", h, wo.astype(x.dtype))

@@ -82,6 +82,8 @@ class Transformer(nn.Module):
         dtype = cfg.jnp_dtype
         embed = self.param("embed", _init, (cfg.vocab_size, cfg.d_model), jnp.float32)
         x = jnp.take(embed, tokens, axis=0).astype(dtype)
+        if cfg.embed_scale:  # sqrt(d_model), rounded to the activation dtype (as Gemma)
+            x = x * jnp.asarray(cfg.d_model**0.5, dtype)
         if cfg.position == "learned":
             table = self.param("pos_embed", _init, (cfg.max_seq_len, cfg.d_model), jnp.float32)
             x = x + jnp.take(table, jnp.maximum(positions, 0), axis=0).astype(dtype)
@@ -101,6 +103,8 @@ class Transformer(nn.Module):
         logits = jnp.einsum(
             "bsd,dv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32
         )
+        if cfg.final_softcap is not None:
+            logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         new_cache = None
         if cache is not None:  # the position table is updated after every layer read it
             new_cache = cache.commit(plan, tuple(layers), after=x[..., 0])
