@@ -391,9 +391,10 @@ class Attention(nn.Module):
             k = _rms(k.reshape(b, s_len, nk), k_scale, cfg.norm_eps).reshape(k.shape)
         q_raw = q
         rope = cfg.layer_rope(self.layer)
+        theta, scaling = cfg.layer_rope_base(self.layer)
         if rope:
-            q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
-            k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
+            q = apply_rope(q, positions, theta, scaling)
+            k = apply_rope(k, positions, theta, scaling)
         window, sinks, q_sink, segments = cfg.layer_window(self.layer), 0, None, ()
         if kv is not None:  # the new tokens see each other (causally) and what is stored
             window = _narrower(window, kv.window)
@@ -401,7 +402,7 @@ class Attention(nn.Module):
             segments = kv.segments(plan, span)
             if sinks and kv.sink_positions == "cache" and rope:
                 in_cache = jnp.minimum(positions, sinks + window - 1)
-                q_sink = apply_rope(q_raw, in_cache, cfg.rope_theta, cfg.rope_scaling)
+                q_sink = apply_rope(q_raw, in_cache, theta, scaling)
         scored = getattr(kv, "needs_probs", False)  # score-based eviction (H2O, SnapKV)
         vote = getattr(kv, "vote_queries", 0)
         out = attend(

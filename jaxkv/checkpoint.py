@@ -34,8 +34,12 @@ SUPPORTED_MODEL_TYPES = (
     "smollm3",
     "olmo2",
     "gemma2",
+    "gemma3_text",
     "gpt2",
 )
+_HF_GEMMA3_PATTERN = 6  # Gemma3TextConfig's sliding_window_pattern (legacy config.json)
+_HF_GEMMA3_THETAS = (10000.0, 1_000_000.0)  # local, global
+GEMMAS = ("gemma2", "gemma3_text")
 _HF_GEMMA_HEAD_DIM = 256  # Gemma2Config's default head_dim
 _HF_GEMMA2_SCALAR = 256  # Gemma2Config's query_pre_attn_scalar
 _HF_DEFAULT_THETA = {"smollm3": 2_000_000.0}  # where config.json gives none (else 10000)
@@ -59,6 +63,28 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- configs
+
+
+def _gemma3_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None, float]:
+    """(global theta, global scaling, local theta) of a Gemma 3 config.json: per layer type
+    in `rope_parameters` (transformers 5), or rope_theta / rope_scaling /
+    rope_local_base_freq (earlier files)."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise CheckpointError(
+                f"scaled RoPE on Gemma 3's sliding layers is not supported: {local}"
+            )
+        full = params.get("full_attention") or {}
+        theta, scaling = _rope_from_hf({"rope_parameters": full})
+        if "rope_theta" not in full:
+            theta = _HF_GEMMA3_THETAS[1]
+        return theta, scaling, float(local.get("rope_theta", _HF_GEMMA3_THETAS[0]))
+    theta, scaling = _rope_from_hf(
+        {**hf, "rope_theta": hf.get("rope_theta") or _HF_GEMMA3_THETAS[1]}
+    )
+    return theta, scaling, float(hf.get("rope_local_base_freq") or _HF_GEMMA3_THETAS[0])
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -133,11 +159,15 @@ def _windows_from_hf(
     n = hf["num_hidden_layers"]
     if model_type in ("llama", "olmo2"):
         return None, None
-    if model_type == "gemma2":
-        # Every other layer slides (the first one included) unless layer_types says.
+    if model_type in GEMMAS:
+        # Every other layer slides (Gemma 2), or all but every 6th (Gemma 3), unless
+        # layer_types says.
         window = hf.get("sliding_window", _HF_SLIDING_WINDOW)
+        every = (
+            2 if model_type == "gemma2" else hf.get("sliding_window_pattern", _HF_GEMMA3_PATTERN)
+        )
         if types is None:
-            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+            types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
     elif model_type == "smollm3":
         # A window only with use_sliding_window; by default the NoPE layers slide.
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
@@ -224,7 +254,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
             tie_embeddings=hf.get("tie_word_embeddings", True),
             dtype=dtype,
         )
-    gemma = model_type == "gemma2"
+    gemma = model_type in GEMMAS
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     if gemma and act not in _TANH_GELUS:
         raise CheckpointError(f"{model_type} activation {act!r} is not supported ({_TANH_GELUS})")
@@ -233,7 +263,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     theta, scaling = _rope_from_hf(hf)
     # llama and qwen3 read attention_bias (q/k/v and o), llama mlp_bias; mistral and ministral
     # have no biases, qwen2 q/k/v biases always.
-    attention_bias = model_type in ("llama", "qwen3", "smollm3", "olmo2", "gemma2") and bool(
+    attention_bias = model_type in ("llama", "qwen3", "smollm3", "olmo2", *GEMMAS) and bool(
         hf.get("attention_bias", False)
     )
     head_dim = hf.get("head_dim")
@@ -241,16 +271,22 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         head_dim = _HF_QWEN3_HEAD_DIM
     if gemma and head_dim is None:
         head_dim = _HF_GEMMA_HEAD_DIM
-    gemma_fields = {}
+    gemma_fields: dict[str, Any] = {}
     if gemma:
+        caps = (50.0, 30.0) if model_type == "gemma2" else (None, None)
         gemma_fields = dict(
             mlp="geglu",
             norm_plus_one=True,
             embed_scale=True,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", _HF_GEMMA2_SCALAR)),
-            attn_softcap=hf.get("attn_logit_softcapping", 50.0),
-            final_softcap=hf.get("final_logit_softcapping", 30.0),
+            attn_softcap=hf.get("attn_logit_softcapping", caps[0]),
+            final_softcap=hf.get("final_logit_softcapping", caps[1]),
         )
+    if model_type == "gemma3_text":
+        if hf.get("use_bidirectional_attention"):
+            raise CheckpointError("Gemma 3 with bidirectional attention is not a decoder")
+        theta, scaling, local = _gemma3_rope(hf)
+        gemma_fields["rope_local_theta"] = local
     sliding_window, layer_types = _windows_from_hf(hf, model_type)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -267,11 +303,11 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         qkv_bias=model_type == "qwen2" or attention_bias,
         out_bias=attention_bias,
         mlp_bias=model_type in ("llama", "smollm3") and bool(hf.get("mlp_bias", False)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in ("smollm3", "gemma2"))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in ("smollm3", *GEMMAS))),
         sliding_window=sliding_window,
         layer_types=layer_types,
-        qk_norm={"qwen3": "head", "olmo2": "flat"}.get(model_type),
-        block_norms={"olmo2": "post", "gemma2": "both"}.get(model_type, "pre"),
+        qk_norm={"qwen3": "head", "olmo2": "flat", "gemma3_text": "head"}.get(model_type),
+        block_norms="post" if model_type == "olmo2" else "both" if gemma else "pre",
         **gemma_fields,
         rope_layers=tuple(_smollm3_rope_layers(hf)) if model_type == "smollm3" else None,
         dtype=dtype,
@@ -313,7 +349,7 @@ def hf_model_type(config: ModelConfig) -> str:
             and config.embed_scale
             and config.mlp == "geglu"
             and config.block_norms == "both"
-            and config.qk_norm is None
+            and config.qk_norm in (None, "head")
             and config.rope_layers is None
             and not config.mlp_bias
             and config.qkv_bias == config.out_bias
@@ -323,6 +359,8 @@ def hf_model_type(config: ModelConfig) -> str:
                 "gemma2 has (1 + w) RMSNorms around each sublayer, scaled embeddings, GeGLU, no "
                 f"q/k norms and no MLP biases; no Hugging Face model type expresses {config}"
             )
+        if config.qk_norm == "head" or config.rope_local_theta is not None:
+            return "gemma3_text"
         return "gemma2"
     if config.block_norms == "post" or config.qk_norm == "flat":
         ok = (config.block_norms, config.qk_norm) == ("post", "flat") and not windows
@@ -403,6 +441,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "smollm3": "SmolLM3ForCausalLM",
         "olmo2": "Olmo2ForCausalLM",
         "gemma2": "Gemma2ForCausalLM",
+        "gemma3_text": "Gemma3ForCausalLM",
     }[model_type]
     out = {
         **common,
@@ -431,7 +470,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         out.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
     if model_type in ("qwen3", "olmo2"):
         out.update(attention_bias=config.qkv_bias)
-    if model_type == "gemma2":
+    if model_type in GEMMAS:
         del out["hidden_act"]
         out.update(
             attention_bias=config.qkv_bias,
@@ -440,6 +479,16 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             attn_logit_softcapping=config.attn_softcap,
             final_logit_softcapping=config.final_softcap,
         )
+    if model_type == "gemma3_text":
+        full = {"rope_type": "default", "rope_theta": config.rope_theta}
+        if "rope_scaling" in out:
+            full = {**out.pop("rope_scaling"), "rope_theta": config.rope_theta}
+        local = config.rope_local_theta or config.rope_theta
+        del out["rope_theta"]
+        out["rope_parameters"] = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": local},
+            "full_attention": full,
+        }
     for key, value in _HF_SPECIAL_IDS.get(model_type, {}).items():
         if value >= config.vocab_size:
             out[key] = None
@@ -457,7 +506,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         )
     if model_type == "mistral":
         out["sliding_window"] = window
-    if model_type in ("ministral", "gemma2"):
+    if model_type in ("ministral", *GEMMAS):
         out.update(sliding_window=window, layer_types=types)
     if model_type in ("qwen2", "qwen3"):
         if window is None:

@@ -86,6 +86,8 @@ class ModelConfig:
             instead of head_dim ** -0.5 (Gemma 2/3).
         attn_softcap / final_softcap: scores (after scaling) and final logits are soft-capped
             as cap * tanh(x / cap) (Gemma 2).
+        rope_local_theta: the rotary base of sliding-window layers, unscaled (Gemma 3's local
+            layers); None: every layer uses rope_theta and rope_scaling.
         block_norms: where each block normalizes: "pre" (x + f(norm(x)), Llama), "post"
             (x + norm(f(x)), OLMo 2) or "both" (x + norm(f(norm(x))), Gemma 2/3).
         layer_types: None (every layer alike), or one entry per layer, "full_attention" or
@@ -122,6 +124,7 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    rope_local_theta: float | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -201,6 +204,12 @@ class ModelConfig:
         if self.layer_types is not None and self.layer_types[layer] == "full_attention":
             return None
         return self.sliding_window
+
+    def layer_rope_base(self, layer: int) -> tuple[float, RopeScaling | None]:
+        """(theta, scaling) of the rotary embedding on layer `layer`."""
+        if self.rope_local_theta is not None and self.layer_window(layer) is not None:
+            return self.rope_local_theta, None
+        return self.rope_theta, self.rope_scaling
 
     def layer_rope(self, layer: int) -> bool:
         """Whether layer `layer` applies the rotary embedding."""

@@ -74,6 +74,19 @@ FAMILIES = {
         final_logit_softcapping=3.0,
         sliding_window=4,
     ),
+    # Gemma 2 without soft-capping, with (1 + w) q/k norms over head_dim and two rotary bases
+    # (local layers 10000, global 1e6 with linear scaling).
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**LLAMA_LIKE, "num_hidden_layers": 3},
+        head_dim=16,
+        query_pre_attn_scalar=12,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        },
+    ),
     "gpt2": lambda: transformers.GPT2Config(
         n_embd=64, n_layer=2, n_head=4, n_positions=128, **COMMON
     ),
@@ -519,7 +532,7 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
     with pytest.raises(
         CheckpointError,
         match="'falcon' is not supported; supported: llama, mistral, ministral, qwen2, qwen3, "
-        "smollm3, olmo2, gemma2, gpt2",
+        "smollm3, olmo2, gemma2, gemma3_text, gpt2",
     ):
         load_pretrained(path)
 
