@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ SUPPORTED_MODEL_TYPES = (
     "olmo2",
     "gemma2",
     "gemma3_text",
+    "phi3",
     "gpt2",
 )
 _HF_GEMMA3_PATTERN = 6  # Gemma3TextConfig's sliding_window_pattern (legacy config.json)
@@ -168,6 +170,10 @@ def _windows_from_hf(
         )
         if types is None:
             types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    elif model_type == "phi3":  # every layer slides when sliding_window is set (default none)
+        window = hf.get("sliding_window")
+        if types is None:
+            types = ["sliding_attention" if window is not None else "full_attention"] * n
     elif model_type == "smollm3":
         # A window only with use_sliding_window; by default the NoPE layers slide.
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
@@ -261,6 +267,13 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     if not gemma and act != "silu":
         raise CheckpointError(f"{model_type} hidden_act {act!r} is not supported (only silu)")
     theta, scaling = _rope_from_hf(hf)
+    partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor")
+    partial = hf.get("partial_rotary_factor", partial)
+    if partial not in (None, 1, 1.0):
+        raise CheckpointError(
+            f"{model_type} partial_rotary_factor={partial} is not supported (rotary embeddings "
+            "over the whole head only)"
+        )
     # llama and qwen3 read attention_bias (q/k/v and o), llama mlp_bias; mistral and ministral
     # have no biases, qwen2 q/k/v biases always.
     attention_bias = model_type in ("llama", "qwen3", "smollm3", "olmo2", *GEMMAS) and bool(
@@ -630,6 +643,43 @@ def _norm_names(cfg: ModelConfig) -> dict[str, str]:
     }
 
 
+class _SplitFused:
+    """Phi-3's fused projections read under Llama's names (split at load): `qkv_proj` rows
+    are [q | k | v], `gate_up_proj` rows [gate | up]."""
+
+    _NAME = re.compile(
+        r"(model\.layers\.\d+\.)(?:self_attn\.([qkv])_proj|mlp\.(gate|up)_proj)\.weight$"
+    )
+
+    def __init__(self, reader: Any, cfg: ModelConfig) -> None:
+        self.reader, self.cfg = reader, cfg
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def has(self, name: str) -> bool:
+        return self.reader.has(name)
+
+    def leftover(self) -> list[str]:
+        return self.reader.leftover()
+
+    def _fused(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.reader.get(name, shape))
+        return self._last[1]
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        m = self._NAME.match(name)
+        if m is None:
+            return self.reader.get(name, shape)
+        cfg, pre = self.cfg, m.group(1)
+        d, hd, f = cfg.d_model, cfg.head_dim, cfg.ffn_dim
+        q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+        if m.group(2):
+            fused = self._fused(pre + "self_attn.qkv_proj.weight", (q + 2 * kv, d))
+            return {"q": fused[:q], "k": fused[q : q + kv], "v": fused[q + kv :]}[m.group(2)]
+        fused = self._fused(pre + "mlp.gate_up_proj.weight", (2 * f, d))
+        return fused[:f] if m.group(3) == "gate" else fused[f:]
+
+
 def _layer_range(cfg: ModelConfig, progress: bool) -> Iterable[int]:
     if not progress:
         return range(cfg.n_layers)
@@ -853,6 +903,8 @@ def params_from_reader(
     config = config_from_hf(hf, dtype=dtype)
     if hf["model_type"] == "gpt2":
         params = _gpt2_to_params(reader.get, config, _gpt2_prefix(reader), progress)
+    elif hf["model_type"] == "phi3":
+        params = _llama_to_params(_SplitFused(reader, config).get, config, progress)
     else:
         params = _llama_to_params(reader.get, config, progress)
     leftover = reader.leftover()

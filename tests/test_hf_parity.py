@@ -87,6 +87,8 @@ FAMILIES = {
             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
         },
     ),
+    # Fused qkv_proj and gate_up_proj, split at load (saved back as llama).
+    "phi3": lambda: transformers.Phi3Config(**LLAMA_LIKE, **SMALL_IDS),
     "gpt2": lambda: transformers.GPT2Config(
         n_embd=64, n_layer=2, n_head=4, n_positions=128, **COMMON
     ),
@@ -532,7 +534,7 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
     with pytest.raises(
         CheckpointError,
         match="'falcon' is not supported; supported: llama, mistral, ministral, qwen2, qwen3, "
-        "smollm3, olmo2, gemma2, gemma3_text, gpt2",
+        "smollm3, olmo2, gemma2, gemma3_text, phi3, gpt2",
     ):
         load_pretrained(path)
 
@@ -580,3 +582,20 @@ def test_unexpected_tensor_is_an_error(llama_dir, tmp_path):
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="q_norm"):
         load_pretrained(path)
+
+
+def test_phi3_longrope_and_partial_rotary_are_refused():
+    """Phi-3.5's longrope scaling and a partial rotary factor are not implemented: loading
+    such a config raises, naming what is not supported."""
+    hf = transformers.Phi3Config(**LLAMA_LIKE, **SMALL_IDS).to_dict()
+    long = {**hf, "rope_parameters": None}
+    long["rope_scaling"] = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * 8,
+        "long_factor": [2.0] * 8,
+    }
+    with pytest.raises(CheckpointError, match="rope scaling type 'longrope' is not supported"):
+        config_from_hf(long)
+    with pytest.raises(CheckpointError, match="partial_rotary_factor=0.5 is not supported"):
+        config_from_hf({**hf, "partial_rotary_factor": 0.5})
+    assert config_from_hf(hf).n_layers == 2
