@@ -29,9 +29,10 @@ import numpy as np
 from jaxkv.checkpoint import CheckpointError
 from jaxkv.gguf_tokenizer import GGUFTokenizerSpec, tokenizer_from_gguf
 
-# llama.cpp architecture -> Hugging Face model_type. Both are plain Llama blocks here; llama.cpp
-# permutes q/k rows only for `llama` (its converter for Qwen2 keeps the HF order).
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+# llama.cpp architecture -> Hugging Face model_type. All are Llama-like blocks here (qwen3 adds
+# q/k norms); llama.cpp permutes q/k rows only for `llama` (its converters for Qwen2 and Qwen3
+# keep the HF order).
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _PERMUTED_QK = ("llama",)
 # Stored types that gguf's reference code dequantizes (the K-quants, the legacy block types and
 # plain floats).
@@ -70,6 +71,8 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 
 
@@ -177,6 +180,8 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Any 
     if arch == "llama":
         bias = "blk.0.attn_q.bias" in tensor_names
         hf.update(attention_bias=bias, mlp_bias=False)
+    if arch == "qwen3":
+        hf["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     for key, name in (
         ("bos_token_id", "bos"),
         ("eos_token_id", "eos"),

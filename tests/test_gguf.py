@@ -67,9 +67,12 @@ def _names(i):
     }
 
 
-def write_gguf(path, state, *, qtype=None, arch="llama", tokenizer_model="gpt2", raw=None):
-    """A GGUF of a transformers llama state dict. qtype: quantize every matrix with gguf's
-    quantizer; raw: {gguf name: (bytes array, type)} stored as given."""
+def write_gguf(
+    path, state, *, qtype=None, arch="llama", tokenizer_model="gpt2", raw=None, head_dim=HD
+):
+    """A GGUF of a transformers llama (or qwen3) state dict. qtype: quantize every matrix with
+    gguf's quantizer; raw: {gguf name: (bytes array, type)} stored as given. q/k rows are
+    permuted as llama.cpp does for `llama` only."""
     w = gguf.GGUFWriter(str(path), arch=arch)
     w.add_block_count(LAYERS)
     w.add_context_length(128)
@@ -79,7 +82,10 @@ def write_gguf(path, state, *, qtype=None, arch="llama", tokenizer_model="gpt2",
     w.add_head_count_kv(KV)
     w.add_rope_freq_base(500.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(HD)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != HD:  # as llama.cpp writes an explicit head size
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_vocab_size(VOCAB)
     w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre("default")
@@ -98,14 +104,16 @@ def write_gguf(path, state, *, qtype=None, arch="llama", tokenizer_model="gpt2",
     }
     for i in range(LAYERS):
         names.update(_names(i))
+        names[f"model.layers.{i}.self_attn.q_norm.weight"] = f"blk.{i}.attn_q_norm.weight"
+        names[f"model.layers.{i}.self_attn.k_norm.weight"] = f"blk.{i}.attn_k_norm.weight"
     raw = raw or {}
     for hf_name, g_name in names.items():
         if hf_name not in state:
             continue
         t = state[hf_name].float().numpy()
-        if g_name.endswith("attn_q.weight"):
+        if g_name.endswith("attn_q.weight") and arch == "llama":
             t = _permute(t, HEADS)
-        if g_name.endswith("attn_k.weight"):
+        if g_name.endswith("attn_k.weight") and arch == "llama":
             t = _permute(t, KV)
         if g_name in raw:
             data, ty = raw[g_name]
@@ -158,6 +166,45 @@ def test_f32_gguf_equals_transformers(hf_model, f32_file):
         ref = hf_model(torch.tensor(seq)).logits.numpy()
     got = np.asarray(jaxkv.forward(params, config, seq))
     np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_qwen3_gguf_equals_transformers_loading_it(tmp_path):
+    """A Qwen3 GGUF (q/k norms, q/k rows in Hugging Face order, as llama.cpp's converter
+    writes them): jaxkv's logits equal the model it was written from and transformers loading
+    the same GGUF."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        head_dim=128,  # Qwen3's (transformers' GGUF reader assumes its config default)
+        max_position_embeddings=128,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,
+    )
+    cfg._attn_implementation = "eager"
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    path = write_gguf(tmp_path / "q3.gguf", model.state_dict(), arch="qwen3", head_dim=128)
+    config, params = load_pretrained(path)
+    assert config.qk_norm == "head" and config.head_dim == 128
+    seq = np.random.default_rng(1).integers(0, VOCAB, size=(2, 20))
+    got = np.asarray(jaxkv.forward(params, config, seq))
+    with torch.no_grad():
+        ref = model(torch.tensor(seq)).logits.numpy()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file="q3.gguf", dtype=torch.float32
+        ).eval()
+        via_gguf = theirs(torch.tensor(seq)).logits.numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    np.testing.assert_allclose(got, via_gguf, atol=1e-4)
 
 
 @pytest.mark.parametrize(
