@@ -32,7 +32,7 @@ from jaxkv.gguf_tokenizer import GGUFTokenizerSpec, tokenizer_from_gguf
 # llama.cpp architecture -> Hugging Face model_type. All are Llama-like blocks here (qwen3 adds
 # q/k norms); llama.cpp permutes q/k rows only for `llama` (its converters for Qwen2 and Qwen3
 # keep the HF order).
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 _PERMUTED_QK = ("llama",)
 # Stored types that gguf's reference code dequantizes (the K-quants, the legacy block types and
 # plain floats).
@@ -73,6 +73,13 @@ _LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+# Phi-3 keeps its fused projections (split at load by jaxkv.checkpoint, as for safetensors).
+_ARCH_LAYER_NAMES = {
+    "phi3": {
+        "attn_qkv.weight": "self_attn.qkv_proj.weight",
+        "ffn_up.weight": "mlp.gate_up_proj.weight",
+    }
 }
 
 
@@ -175,8 +182,14 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Any 
     elif scaling not in ("none", None):
         raise CheckpointError(f"{path}: RoPE scaling {scaling!r} is not supported (only linear)")
     window = get("attention.sliding_window", None, required=False)
-    if window:
+    if window and arch == "phi3":  # every layer slides, as in transformers' Phi-3
+        hf["sliding_window"] = int(window)
+    elif window:
         raise CheckpointError(f"{path}: a sliding window ({window}) in a GGUF is not supported")
+    if {"rope_factors_long.weight", "rope_factors_short.weight"} & tensor_names:
+        raise CheckpointError(
+            f"{path}: LongRoPE factors (rope_factors_long/short, Phi-3 128k) are not supported"
+        )
     if arch == "llama":
         bias = "blk.0.attn_q.bias" in tensor_names
         hf.update(attention_bias=bias, mlp_bias=False)
@@ -193,12 +206,13 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Any 
     return hf
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, arch: str = "llama") -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    layer_names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
     return None
 
 
@@ -219,7 +233,7 @@ class GGUFWeights:
         self.tensors = {}
         self.unknown = []
         for t in reader.tensors:
-            name = _hf_name(t.name)
+            name = _hf_name(t.name, arch)
             if name is None:
                 self.unknown.append(t.name)
             else:

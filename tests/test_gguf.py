@@ -106,6 +106,8 @@ def write_gguf(
         names.update(_names(i))
         names[f"model.layers.{i}.self_attn.q_norm.weight"] = f"blk.{i}.attn_q_norm.weight"
         names[f"model.layers.{i}.self_attn.k_norm.weight"] = f"blk.{i}.attn_k_norm.weight"
+        names[f"model.layers.{i}.self_attn.qkv_proj.weight"] = f"blk.{i}.attn_qkv.weight"  # phi3
+        names[f"model.layers.{i}.mlp.gate_up_proj.weight"] = f"blk.{i}.ffn_up.weight"
     raw = raw or {}
     for hf_name, g_name in names.items():
         if hf_name not in state:
@@ -201,6 +203,45 @@ def test_qwen3_gguf_equals_transformers_loading_it(tmp_path):
         ref = model(torch.tensor(seq)).logits.numpy()
         theirs = transformers.AutoModelForCausalLM.from_pretrained(
             str(tmp_path), gguf_file="q3.gguf", dtype=torch.float32
+        ).eval()
+        via_gguf = theirs(torch.tensor(seq)).logits.numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    np.testing.assert_allclose(got, via_gguf, atol=1e-4)
+
+
+def test_phi3_gguf_equals_transformers_loading_it(tmp_path):
+    """A Phi-3 GGUF keeps the fused attn_qkv and ffn_up (gate and up) tensors: jaxkv splits
+    them at load, and its logits equal the source model and transformers loading the GGUF."""
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        max_position_embeddings=128,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg._attn_implementation = "eager"
+    model = transformers.Phi3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    path = write_gguf(tmp_path / "phi3.gguf", model.state_dict(), arch="phi3")
+    config, params = load_pretrained(path)
+    seq = np.random.default_rng(2).integers(0, VOCAB, size=(2, 20))
+    got = np.asarray(jaxkv.forward(params, config, seq))
+    with torch.no_grad():
+        ref = model(torch.tensor(seq)).logits.numpy()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file="phi3.gguf", dtype=torch.float32
         ).eval()
         via_gguf = theirs(torch.tensor(seq)).logits.numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4)
