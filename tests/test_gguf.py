@@ -131,10 +131,11 @@ def write_gguf(
     return path
 
 
-@pytest.fixture(scope="module")
-def hf_model():
+def _tiny(config_cls, model_cls, **extra):
+    """A tiny transformers model of the file dimensions, norms away from 1 (so a norm mapped to
+    the wrong place shows)."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
+    cfg = config_cls(
         vocab_size=VOCAB,
         hidden_size=D,
         intermediate_size=FFN,
@@ -145,14 +146,20 @@ def hf_model():
         rope_theta=500.0,
         rms_norm_eps=1e-5,
         initializer_range=0.2,
+        **extra,
     )
     cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # norms away from 1, so a norm mapped to the wrong place shows
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     return model
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return _tiny(transformers.LlamaConfig, transformers.LlamaForCausalLM)
 
 
 @pytest.fixture(scope="module")
@@ -170,82 +177,40 @@ def test_f32_gguf_equals_transformers(hf_model, f32_file):
     np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
-def test_qwen3_gguf_equals_transformers_loading_it(tmp_path):
-    """A Qwen3 GGUF (q/k norms, q/k rows in Hugging Face order, as llama.cpp's converter
-    writes them): jaxkv's logits equal the model it was written from and transformers loading
-    the same GGUF."""
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=D,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV,
-        head_dim=128,  # Qwen3's (transformers' GGUF reader assumes its config default)
-        max_position_embeddings=128,
-        rope_theta=500.0,
-        rms_norm_eps=1e-5,
-        initializer_range=0.2,
-    )
-    cfg._attn_implementation = "eager"
-    model = transformers.Qwen3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-    path = write_gguf(tmp_path / "q3.gguf", model.state_dict(), arch="qwen3", head_dim=128)
+def _equals_source_and_transformers(model, path, seed):
+    """jaxkv's logits of a GGUF equal the model it was written from and transformers loading
+    the same GGUF; returns jaxkv's config."""
     config, params = load_pretrained(path)
-    assert config.qk_norm == "head" and config.head_dim == 128
-    seq = np.random.default_rng(1).integers(0, VOCAB, size=(2, 20))
+    seq = np.random.default_rng(seed).integers(0, VOCAB, size=(2, 20))
     got = np.asarray(jaxkv.forward(params, config, seq))
     with torch.no_grad():
         ref = model(torch.tensor(seq)).logits.numpy()
         theirs = transformers.AutoModelForCausalLM.from_pretrained(
-            str(tmp_path), gguf_file="q3.gguf", dtype=torch.float32
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
         ).eval()
         via_gguf = theirs(torch.tensor(seq)).logits.numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4)
     np.testing.assert_allclose(got, via_gguf, atol=1e-4)
+    return config
+
+
+def test_qwen3_gguf_equals_transformers_loading_it(tmp_path):
+    """A Qwen3 GGUF (q/k norms, q/k rows in Hugging Face order, as llama.cpp's converter
+    writes them). head_dim is Qwen3's 128: transformers' GGUF reader assumes its config
+    default there."""
+    model = _tiny(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, head_dim=128)
+    path = write_gguf(tmp_path / "q3.gguf", model.state_dict(), arch="qwen3", head_dim=128)
+    config = _equals_source_and_transformers(model, path, seed=1)
+    assert config.qk_norm == "head" and config.head_dim == 128
 
 
 def test_phi3_gguf_equals_transformers_loading_it(tmp_path):
-    """A Phi-3 GGUF keeps the fused attn_qkv and ffn_up (gate and up) tensors: jaxkv splits
-    them at load, and its logits equal the source model and transformers loading the GGUF."""
-    torch.manual_seed(0)
-    cfg = transformers.Phi3Config(
-        vocab_size=VOCAB,
-        hidden_size=D,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV,
-        max_position_embeddings=128,
-        rope_theta=500.0,
-        rms_norm_eps=1e-5,
-        initializer_range=0.2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    cfg._attn_implementation = "eager"
-    model = transformers.Phi3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
+    """A Phi-3 GGUF keeps the fused attn_qkv and ffn_up (gate and up) tensors; jaxkv splits
+    them at load."""
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = _tiny(transformers.Phi3Config, transformers.Phi3ForCausalLM, **ids)
     path = write_gguf(tmp_path / "phi3.gguf", model.state_dict(), arch="phi3")
-    config, params = load_pretrained(path)
-    seq = np.random.default_rng(2).integers(0, VOCAB, size=(2, 20))
-    got = np.asarray(jaxkv.forward(params, config, seq))
-    with torch.no_grad():
-        ref = model(torch.tensor(seq)).logits.numpy()
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(
-            str(tmp_path), gguf_file="phi3.gguf", dtype=torch.float32
-        ).eval()
-        via_gguf = theirs(torch.tensor(seq)).logits.numpy()
-    np.testing.assert_allclose(got, ref, atol=1e-4)
-    np.testing.assert_allclose(got, via_gguf, atol=1e-4)
+    _equals_source_and_transformers(model, path, seed=2)
 
 
 @pytest.mark.parametrize(
