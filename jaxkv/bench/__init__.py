@@ -26,6 +26,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="tiny models: check the suite runs, numbers are meaningless",
     )
+    parser.add_argument(
+        "--extras-deadline",
+        type=float,
+        default=270.0,
+        help="gpu suite: seconds after which no extra measurement (dot attention, layouts) starts",
+    )
     args = parser.parse_args(argv)
 
     from jaxkv.bench import common
@@ -69,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json.dumps({**result, **partial}, indent=2, default=str)
             )
 
-        result.update(gpu.run(args.quick, smoke=args.smoke, save=save))
+        result.update(
+            gpu.run(args.quick, smoke=args.smoke, save=save, extras_deadline_s=args.extras_deadline)
+        )
     result["total_s"] = time.perf_counter() - t0
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     if args.suite == "caches":

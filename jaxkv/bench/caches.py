@@ -297,15 +297,17 @@ def kv_quant(
     return rows
 
 
-def kv_quant_step(name: str, position: int, capacity: int) -> dict[str, Any]:
+def kv_quant_step(
+    name: str, position: int, capacity: int, dtype: str = "float32", batch: int = 1
+) -> dict[str, Any]:
     """Decode step time of int8 and int4 caches (and int8 KIVI with its residual) against
-    the float cache at `position` of `capacity` (programs compiled first, then timed in
-    alternation)."""
+    the float cache (`dtype`, also the model's) at `position` of `capacity` (programs compiled
+    first, then timed in alternation)."""
     from jaxkv.bench.common import synthetic_state
     from jaxkv.cache.quant import KVQuant
 
-    config = preset(name)
-    params = random_params(config, jax.random.key(0), jnp.float32)
+    config = preset(name).replace(dtype=dtype)
+    params = random_params(config, jax.random.key(0))
     span = attention_span(position + 32, capacity)
     loop = Loop(config=config, steps=((32, None if span >= capacity else span),))
     eos, pad = np.zeros(0, np.int32), np.int32(0)
@@ -314,7 +316,7 @@ def kv_quant_step(name: str, position: int, capacity: int) -> dict[str, Any]:
     progs = {
         d: resume_jit.lower(
             params,
-            synthetic_state(config, 1, position, capacity, cache_dtype=d),
+            synthetic_state(config, batch, position, capacity, cache_dtype=d),
             eos,
             pad,
             None,
@@ -325,13 +327,15 @@ def kv_quant_step(name: str, position: int, capacity: int) -> dict[str, Any]:
     times: dict[Any, list[float]] = {d: [] for d in dtypes}
     for _ in range(5):
         for d, prog in progs.items():
-            state = synthetic_state(config, 1, position, capacity, cache_dtype=d)
+            state = synthetic_state(config, batch, position, capacity, cache_dtype=d)
             t = time.perf_counter()
             jax.block_until_ready(prog(params, state, eos, pad, None))
             times[d].append((time.perf_counter() - t) / 32)
     best = {d: min(v) for d, v in times.items()}
     return {
         "model": name,
+        "dtype": dtype,
+        "batch": batch,
         "position": position,
         "capacity": capacity,
         "step_ms_float": best[None] * 1e3,
@@ -344,13 +348,15 @@ def kv_quant_step(name: str, position: int, capacity: int) -> dict[str, Any]:
     }
 
 
-def score_overhead(name: str, slots: int, steps: int = 64) -> dict[str, Any]:
+def score_overhead(
+    name: str, slots: int, steps: int = 64, dtype: str = "float32"
+) -> dict[str, Any]:
     """Decode step time of H2O (half heavy, half recent) and SnapKV + ring against a ring
     of the same number of slots, each full (a 2 x slots prompt), timed in alternation."""
     from jaxkv.cache import Heavy, SnapKV
 
-    config = preset(name)
-    params = random_params(config, jax.random.key(0), jnp.float32)
+    config = preset(name).replace(dtype=dtype)
+    params = random_params(config, jax.random.key(0))
     kinds = {
         "ring": Window(slots),
         "h2o": Heavy(slots // 2, slots - slots // 2),
@@ -373,6 +379,7 @@ def score_overhead(name: str, slots: int, steps: int = 64) -> dict[str, Any]:
     best = {k: min(v) * 1e3 for k, v in times.items()}
     return {
         "model": name,
+        "dtype": dtype,
         "slots": slots,
         "step_ms": best,
         "h2o_over_ring": best["h2o"] / best["ring"],
