@@ -85,10 +85,10 @@ def test_attention_span_rounding():
         1024,
         2048,
     ]
-    # On CPU a span over half the capacity reads the whole cache (no copy of a prefix).
-    assert jax.default_backend() == "cpu"
+    # On CPU a span over half the capacity reads the whole cache (no copy of a prefix); on an
+    # accelerator the span stays rounded.
     assert attention_span(1000, 2048) == 1024
-    assert attention_span(1100, 2048) == 2048
+    assert attention_span(1100, 2048) == (2048 if jax.default_backend() == "cpu" else 1152)
 
 
 def test_benchmark_layout_variants_compute_the_same_step(rng):

@@ -191,13 +191,17 @@ class HeavyLayer:
             for name, new in (("k_scale", k_scale), ("v_scale", v_scale)):
                 buf = getattr(self, name)
                 scales[name] = buf.at[b, n, slot].set(ordered_after(new[:, 0], small), mode="drop")
+        # The score is rewritten whole (acc touches every slot), so the new token's entry goes
+        # in by a select in that same pass, not a scatter into acc: on the GPU the scatter made
+        # XLA copy the score array once more per layer and step (seen on an H200).
+        chosen = jnp.arange(self.slots) == slot[..., None]  # no slot for paused rows
         return dataclasses.replace(
             self,
             **scales,
             k=k,
             v=v,
             pos=self.pos.at[b, n, slot].set(ordered_after(pos, small), mode="drop"),
-            score=acc.at[b, n, slot].set(ordered_after(new_prob, small), mode="drop"),
+            score=jnp.where(chosen, ordered_after(new_prob, small)[..., None], acc),
         )
 
     def _write_block(
