@@ -88,6 +88,41 @@ def render_chat(
     )
 
 
+_PROBE = "jaxkv end-of-turn probe 7f3a"
+
+
+def end_of_turn_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The special token a tokenizer's chat template writes right after an assistant message
+    (Gemma's `<end_of_turn>`, Qwen's and SmolLM's `<|im_end|>`, Llama 3's `<|eot_id|>`,
+    Phi-3's `<|end|>`), found by rendering a probe conversation; () when the template writes
+    no special token there, or cannot render it. A model's configs often name only the
+    end-of-text token as EOS (Gemma's config.json says `<eos>`), so a chat stops at this too."""
+    template = getattr(tokenizer, "chat_template", None)
+    special = getattr(tokenizer, "special_ids", frozenset())
+    if not template or not special:
+        return ()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = render_chat(
+            template,
+            messages,
+            add_generation_prompt=False,
+            bos_token=getattr(tokenizer, "bos_token", None),
+            eos_token=getattr(tokenizer, "eos_token", None),
+        )
+    except Exception:  # a template that cannot render the probe names no end of turn
+        return ()
+    at = text.find(_PROBE)
+    tail = text[at + len(_PROBE) :].lstrip(" ") if at >= 0 else ""
+    ids = tokenizer.encode(tail, add_special_tokens=False) if tail else []
+    return (ids[0],) if ids and ids[0] in special else ()
+
+
+def chat_stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Where a chat reply ends: the tokenizer's EOS ids and its template's end of turn."""
+    return tuple(dict.fromkeys((*tokenizer.eos_ids, *end_of_turn_ids(tokenizer))))
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -100,10 +135,11 @@ class Conversation:
     """One conversation (batch of one) whose KV cache persists between turns.
 
     `reply(messages)` renders the history, prefills only what the cache lacks, and yields the
-    reply's tokens in chunks as they are made; the reply stops at one of `stop_ids` (the
-    template's end of turn) or after `max_new_tokens`, or when the cache is full; `stop_reason`
-    then says which ("end_of_turn", "max_new_tokens", "capacity"). `prefilled` records how many
-    tokens each turn ran through the model before sampling.
+    reply's tokens in chunks as they are made; the reply stops at one of `stop_ids` (by
+    default the tokenizer's EOS ids and its template's end of turn) or after `max_new_tokens`,
+    or when the cache is full; `stop_reason` then says which ("end_of_turn", "max_new_tokens",
+    "capacity"). `prefilled` records how many tokens each turn ran through the model before
+    sampling. `chat_template_kwargs` go to the template (Qwen3's `enable_thinking=False`).
     """
 
     def __init__(
@@ -118,6 +154,7 @@ class Conversation:
         key: int = 0,
         chunk_size: int = 8,
         prefill_chunk: int = PREFILL_CHUNK,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> None:
         template = getattr(tokenizer, "chat_template", None)
         if not template:
@@ -128,8 +165,9 @@ class Conversation:
         check_chunk(prefill_chunk)
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.template = template
+        self.template_kwargs = dict(chat_template_kwargs or {})
         self.capacity = capacity
-        self.stop_ids = tuple(stop_ids if stop_ids is not None else tokenizer.eos_ids)
+        self.stop_ids = tuple(stop_ids if stop_ids is not None else chat_stop_ids(tokenizer))
         if not self.stop_ids:
             raise ValueError("a chat needs an end-of-turn token id (stop_ids)")
         self.sampling = sampling
@@ -153,6 +191,7 @@ class Conversation:
             add_generation_prompt=True,
             bos_token=getattr(self.tokenizer, "bos_token", None),
             eos_token=getattr(self.tokenizer, "eos_token", None),
+            **self.template_kwargs,
         )
         # The template writes its own special tokens (BOS included), as transformers'
         # apply_chat_template tokenizes: no tokenizer-added specials.

@@ -18,6 +18,7 @@ Usage errors (bad flags, a missing model path) print one line and exit with code
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -318,6 +319,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def _chat_model(path: str | None) -> str:
     from jaxkv.paths import FETCH_COMMAND, smollm2_path
 
@@ -362,7 +373,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     config, params, tokenizer, _ = _load(_chat_model(args.model), args.dtype)
     try:
         chat = Conversation(
-            params, config, tokenizer, capacity=args.capacity, sampling=sampling, key=args.seed
+            params,
+            config,
+            tokenizer,
+            capacity=args.capacity,
+            sampling=sampling,
+            key=args.seed,
+            chat_template_kwargs=args.template_kwargs,
         )
     except ValueError as e:
         raise UsageError(f"jaxkv chat: {e}") from None
@@ -508,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
         "fetched by scripts/fetch_real_model.sh)",
     )
     chat.add_argument("--system", help="a system message")
+    chat.add_argument(
+        "--template-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="variables for the chat template, e.g. '{\"enable_thinking\": false}' (Qwen3)",
+    )
     chat.add_argument("--max-new-tokens", type=_positive_int, default=256)
     chat.add_argument("--capacity", type=_positive_int, default=4096, help="cache slots")
     _sampling_flags(chat, 0.2, 0.9)

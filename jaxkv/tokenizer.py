@@ -166,6 +166,12 @@ class HFTokenizer:
             eos_token=name("eos_token"),
         )
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the tokenizer's special added tokens (`<end_of_turn>`, `<|im_end|>` ...)."""
+        decoder = self._tok.get_added_tokens_decoder()
+        return frozenset(int(i) for i, t in decoder.items() if t.special)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; add_special_tokens=False leaves out what the tokenizer's
         post-processor adds (a BOS), as for text a chat template rendered."""
