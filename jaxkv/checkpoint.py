@@ -2,21 +2,21 @@
 `jaxkv.gguf_checkpoint`).
 
 `load_pretrained(path)` reads a local directory (one `model.safetensors`, or shards listed in
-`model.safetensors.index.json`), maps Hugging Face weight names to jaxkv's param tree, transposes
-and fuses where jaxkv's layout differs (q/k/v into one `qkv`, gate/up into one `wi`), and
-checks every tensor's shape against the config. `save_pretrained` writes the same format, so a
-jaxkv model opens in transformers and comes back unchanged. Nothing here touches the network.
+`model.safetensors.index.json`), maps config.json to a `ModelConfig` and the weights to jaxkv's
+param tree through the family's table in `jaxkv.weight_map` (names, shapes and the transposes
+and fusions where jaxkv's layout differs: q/k/v into one `qkv`, gate/up into one `wi`), and
+checks every tensor's shape against the config. `save_pretrained` writes the same format
+through the same table, so a jaxkv model opens in transformers and comes back unchanged.
+Nothing here touches the network.
 
-Supported `model_type`s: llama, mistral, ministral, qwen2 (one code path: RMSNorm, RoPE,
-SwiGLU; per-layer sliding windows as transformers applies them) and gpt2 (LayerNorm, learned
-positions, GELU, biases everywhere).
+Supported `model_type`s: SUPPORTED_MODEL_TYPES (llama-like families as ModelConfig options of
+the one model code, and gpt2).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkv import weight_map
 from jaxkv.config import LAYER_TYPES, ModelConfig, RopeScaling
 
 SUPPORTED_MODEL_TYPES = (
@@ -55,7 +56,7 @@ _HF_SPECIAL_IDS = {
 _HF_QWEN3_HEAD_DIM = 128  # Qwen3Config's default head_dim (not hidden_size / heads)
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # Buffers some checkpoints carry that hold no parameters.
-_IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 Params = dict[str, Any]
 
@@ -589,95 +590,14 @@ class _Reader:
         )
 
 
-def _llama_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor shapes of one llama-like layer (relative names)."""
-    d, hd, h, kv, f = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
-    shapes = {name: (d,) for name in _norm_names(cfg)}
-    shapes |= {
-        "self_attn.q_proj.weight": (h * hd, d),
-        "self_attn.k_proj.weight": (kv * hd, d),
-        "self_attn.v_proj.weight": (kv * hd, d),
-        "self_attn.o_proj.weight": (d, h * hd),
-        "mlp.gate_proj.weight": (f, d),
-        "mlp.up_proj.weight": (f, d),
-        "mlp.down_proj.weight": (d, f),
-    }
-    if cfg.qkv_bias:
-        shapes.update(
-            {
-                "self_attn.q_proj.bias": (h * hd,),
-                "self_attn.k_proj.bias": (kv * hd,),
-                "self_attn.v_proj.bias": (kv * hd,),
-            }
-        )
-    if cfg.out_bias:
-        shapes["self_attn.o_proj.bias"] = (d,)
-    if cfg.qk_norm == "head":
-        shapes.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
-    elif cfg.qk_norm == "flat":
-        shapes.update({"self_attn.q_norm.weight": (h * hd,), "self_attn.k_norm.weight": (kv * hd,)})
-    if cfg.mlp_bias:
-        shapes.update(
-            {"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)}
-        )
-    return shapes
+class _Unprefixed:
+    """GPT-2 checkpoints saved without the `transformer.` prefix, read under its names."""
 
-
-def _norm_names(cfg: ModelConfig) -> dict[str, str]:
-    """A llama-like layer's norm weights: Hugging Face name -> jaxkv block norm."""
-    if cfg.block_norms == "pre":  # Llama: post_attention_layernorm is the MLP's input norm
-        return {
-            "input_layernorm.weight": "attn_norm",
-            "post_attention_layernorm.weight": "mlp_norm",
-        }
-    if cfg.block_norms == "post":  # OLMo 2
-        return {
-            "post_attention_layernorm.weight": "attn_post_norm",
-            "post_feedforward_layernorm.weight": "mlp_post_norm",
-        }
-    return {  # Gemma 2/3
-        "input_layernorm.weight": "attn_norm",
-        "post_attention_layernorm.weight": "attn_post_norm",
-        "pre_feedforward_layernorm.weight": "mlp_norm",
-        "post_feedforward_layernorm.weight": "mlp_post_norm",
-    }
-
-
-class _SplitFused:
-    """Phi-3's fused projections read under Llama's names (split at load): `qkv_proj` rows
-    are [q | k | v], `gate_up_proj` rows [gate | up]."""
-
-    _NAME = re.compile(
-        r"(model\.layers\.\d+\.)(?:self_attn\.([qkv])_proj|mlp\.(gate|up)_proj)\.weight$"
-    )
-
-    def __init__(self, reader: Any, cfg: ModelConfig) -> None:
-        self.reader, self.cfg = reader, cfg
-        self._last: tuple[str, np.ndarray] | None = None
-
-    def has(self, name: str) -> bool:
-        return self.reader.has(name)
-
-    def leftover(self) -> list[str]:
-        return self.reader.leftover()
-
-    def _fused(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if self._last is None or self._last[0] != name:
-            self._last = (name, self.reader.get(name, shape))
-        return self._last[1]
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        m = self._NAME.match(name)
-        if m is None:
-            return self.reader.get(name, shape)
-        cfg, pre = self.cfg, m.group(1)
-        d, hd, f = cfg.d_model, cfg.head_dim, cfg.ffn_dim
-        q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
-        if m.group(2):
-            fused = self._fused(pre + "self_attn.qkv_proj.weight", (q + 2 * kv, d))
-            return {"q": fused[:q], "k": fused[q : q + kv], "v": fused[q + kv :]}[m.group(2)]
-        fused = self._fused(pre + "mlp.gate_up_proj.weight", (2 * f, d))
-        return fused[:f] if m.group(3) == "gate" else fused[f:]
+        return self.reader.get(name.removeprefix("transformer."), shape)
 
 
 def _layer_range(cfg: ModelConfig, progress: bool) -> Iterable[int]:
@@ -686,168 +606,6 @@ def _layer_range(cfg: ModelConfig, progress: bool) -> Iterable[int]:
     from tqdm import tqdm
 
     return tqdm(range(cfg.n_layers), desc="loading", unit="layer", leave=False)
-
-
-def _llama_to_params(
-    get: Callable[[str, tuple[int, ...]], np.ndarray], cfg: ModelConfig, progress: bool = False
-) -> Params:
-    d, hd, kv, g = cfg.d_model, cfg.head_dim, cfg.n_kv_heads, cfg.q_per_kv
-    shapes = _llama_layout(cfg)
-    params: Params = {
-        "embed": get("model.embed_tokens.weight", (cfg.vocab_size, d)),
-        "final_norm": {"scale": get("model.norm.weight", (d,))},
-    }
-    for i in _layer_range(cfg, progress):
-        t = {k: get(f"model.layers.{i}.{k}", s) for k, s in shapes.items()}
-        q = t["self_attn.q_proj.weight"].T.reshape(d, kv, g, hd)
-        k = t["self_attn.k_proj.weight"].T.reshape(d, kv, 1, hd)
-        v = t["self_attn.v_proj.weight"].T.reshape(d, kv, 1, hd)
-        attn = {
-            "qkv": np.concatenate([q, k, v], axis=2),
-            "o": t["self_attn.o_proj.weight"].T.reshape(kv, g, hd, d),
-        }
-        if cfg.qkv_bias:
-            attn["qkv_bias"] = np.concatenate(
-                [
-                    t["self_attn.q_proj.bias"].reshape(kv, g, hd),
-                    t["self_attn.k_proj.bias"].reshape(kv, 1, hd),
-                    t["self_attn.v_proj.bias"].reshape(kv, 1, hd),
-                ],
-                axis=1,
-            )
-        if cfg.out_bias:
-            attn["o_bias"] = t["self_attn.o_proj.bias"]
-        if cfg.qk_norm is not None:
-            attn["q_norm"] = t["self_attn.q_norm.weight"]
-            attn["k_norm"] = t["self_attn.k_norm.weight"]
-        mlp = {
-            "wi": np.stack([t["mlp.gate_proj.weight"].T, t["mlp.up_proj.weight"].T], 1),
-            "wo": t["mlp.down_proj.weight"].T,
-        }
-        if cfg.mlp_bias:
-            mlp["bi"] = np.stack([t["mlp.gate_proj.bias"], t["mlp.up_proj.bias"]])
-            mlp["bo"] = t["mlp.down_proj.bias"]
-        params[f"layers_{i}"] = {
-            **{ours: {"scale": t[theirs]} for theirs, ours in _norm_names(cfg).items()},
-            "attn": attn,
-            "mlp": mlp,
-        }
-    if not cfg.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight", (cfg.vocab_size, d)).T
-    return params
-
-
-def _llama_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    d, g = cfg.d_model, cfg.q_per_kv
-    out = {
-        "model.embed_tokens.weight": params["embed"],
-        "model.norm.weight": params["final_norm"]["scale"],
-    }
-    for i in range(cfg.n_layers):
-        p, pre = params[f"layers_{i}"], f"model.layers.{i}."
-        qkv = p["attn"]["qkv"]
-        out[pre + "self_attn.q_proj.weight"] = qkv[:, :, :g].reshape(d, -1).T
-        out[pre + "self_attn.k_proj.weight"] = qkv[:, :, g].reshape(d, -1).T
-        out[pre + "self_attn.v_proj.weight"] = qkv[:, :, g + 1].reshape(d, -1).T
-        out[pre + "self_attn.o_proj.weight"] = p["attn"]["o"].reshape(-1, d).T
-        if cfg.qkv_bias:
-            b = p["attn"]["qkv_bias"]
-            out[pre + "self_attn.q_proj.bias"] = b[:, :g].reshape(-1)
-            out[pre + "self_attn.k_proj.bias"] = b[:, g].reshape(-1)
-            out[pre + "self_attn.v_proj.bias"] = b[:, g + 1].reshape(-1)
-        if cfg.out_bias:
-            out[pre + "self_attn.o_proj.bias"] = p["attn"]["o_bias"]
-        if cfg.qk_norm is not None:
-            out[pre + "self_attn.q_norm.weight"] = p["attn"]["q_norm"]
-            out[pre + "self_attn.k_norm.weight"] = p["attn"]["k_norm"]
-        out[pre + "mlp.gate_proj.weight"] = p["mlp"]["wi"][:, 0].T
-        out[pre + "mlp.up_proj.weight"] = p["mlp"]["wi"][:, 1].T
-        out[pre + "mlp.down_proj.weight"] = p["mlp"]["wo"].T
-        if cfg.mlp_bias:
-            out[pre + "mlp.gate_proj.bias"] = p["mlp"]["bi"][0]
-            out[pre + "mlp.up_proj.bias"] = p["mlp"]["bi"][1]
-            out[pre + "mlp.down_proj.bias"] = p["mlp"]["bo"]
-        for theirs, ours in _norm_names(cfg).items():
-            out[pre + theirs] = p[ours]["scale"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = params["lm_head"].T
-    return out
-
-
-def _gpt2_prefix(reader: _Reader) -> str:
-    return "transformer." if reader.has("transformer.wte.weight") else ""
-
-
-def _gpt2_to_params(
-    get: Callable[[str, tuple[int, ...]], np.ndarray],
-    cfg: ModelConfig,
-    pre: str,
-    progress: bool = False,
-) -> Params:
-    d, f, h, hd = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.head_dim
-
-    def norm(name: str) -> dict[str, np.ndarray]:
-        return {"scale": get(f"{name}.weight", (d,)), "bias": get(f"{name}.bias", (d,))}
-
-    params: Params = {
-        "embed": get(pre + "wte.weight", (cfg.vocab_size, d)),
-        "pos_embed": get(pre + "wpe.weight", (cfg.max_seq_len, d)),
-        "final_norm": norm(pre + "ln_f"),
-    }
-    for i in _layer_range(cfg, progress):
-        b = f"{pre}h.{i}."
-        w = get(b + "attn.c_attn.weight", (d, 3 * d)).reshape(d, 3, h, hd)
-        bias = get(b + "attn.c_attn.bias", (3 * d,)).reshape(3, h, hd)
-        params[f"layers_{i}"] = {
-            "attn_norm": norm(b + "ln_1"),
-            "mlp_norm": norm(b + "ln_2"),
-            "attn": {
-                "qkv": w.transpose(0, 2, 1, 3),
-                "qkv_bias": bias.transpose(1, 0, 2),
-                "o": get(b + "attn.c_proj.weight", (d, d)).reshape(h, 1, hd, d),
-                "o_bias": get(b + "attn.c_proj.bias", (d,)),
-            },
-            "mlp": {
-                "wi": get(b + "mlp.c_fc.weight", (d, f))[:, None],
-                "bi": get(b + "mlp.c_fc.bias", (f,))[None],
-                "wo": get(b + "mlp.c_proj.weight", (f, d)),
-                "bo": get(b + "mlp.c_proj.bias", (d,)),
-            },
-        }
-    if not cfg.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight", (cfg.vocab_size, d)).T
-    return params
-
-
-def _gpt2_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    d = cfg.d_model
-    out = {
-        "transformer.wte.weight": params["embed"],
-        "transformer.wpe.weight": params["pos_embed"],
-        "transformer.ln_f.weight": params["final_norm"]["scale"],
-        "transformer.ln_f.bias": params["final_norm"]["bias"],
-    }
-    for i in range(cfg.n_layers):
-        p, b = params[f"layers_{i}"], f"transformer.h.{i}."
-        out[b + "ln_1.weight"], out[b + "ln_1.bias"] = (
-            p["attn_norm"]["scale"],
-            p["attn_norm"]["bias"],
-        )
-        out[b + "ln_2.weight"], out[b + "ln_2.bias"] = (
-            p["mlp_norm"]["scale"],
-            p["mlp_norm"]["bias"],
-        )
-        out[b + "attn.c_attn.weight"] = p["attn"]["qkv"].transpose(0, 2, 1, 3).reshape(d, 3 * d)
-        out[b + "attn.c_attn.bias"] = p["attn"]["qkv_bias"].transpose(1, 0, 2).reshape(-1)
-        out[b + "attn.c_proj.weight"] = p["attn"]["o"].reshape(d, d)
-        out[b + "attn.c_proj.bias"] = p["attn"]["o_bias"]
-        out[b + "mlp.c_fc.weight"] = p["mlp"]["wi"][:, 0]
-        out[b + "mlp.c_fc.bias"] = p["mlp"]["bi"][0]
-        out[b + "mlp.c_proj.weight"] = p["mlp"]["wo"]
-        out[b + "mlp.c_proj.bias"] = p["mlp"]["bo"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = params["lm_head"].T
-    return out
 
 
 # --------------------------------------------------------------------------- public
@@ -901,12 +659,11 @@ def params_from_reader(
     `has(name)`, `leftover()`), with every tensor checked and none left unused."""
     dtype = str(jnp.dtype(dtype))
     config = config_from_hf(hf, dtype=dtype)
-    if hf["model_type"] == "gpt2":
-        params = _gpt2_to_params(reader.get, config, _gpt2_prefix(reader), progress)
-    elif hf["model_type"] == "phi3":
-        params = _llama_to_params(_SplitFused(reader, config).get, config, progress)
-    else:
-        params = _llama_to_params(reader.get, config, progress)
+    get = reader.get
+    if hf["model_type"] == "gpt2" and not reader.has("transformer.wte.weight"):
+        get = _Unprefixed(reader).get
+    table = weight_map.TABLES[hf["model_type"]]
+    params = weight_map.to_params(table, get, config, _layer_range(config, progress))
     leftover = reader.leftover()
     if config.tie_embeddings:  # some tied checkpoints also store the (identical) head
         leftover = [n for n in leftover if n != "lm_head.weight"]
@@ -984,24 +741,21 @@ def save_pretrained(
     hf = config_to_hf(config)
     hf.update(extra_config or {})
     host = _tree_map(np.asarray, params)
-    if hf["model_type"] == "gpt2":
-        tensors = _gpt2_from_params(host, config)
-    else:
-        tensors = _llama_from_params(host, config)
+    tensors = weight_map.from_params(weight_map.TABLES[hf["model_type"]], host, config)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     shards = list(_iter_shards(tensors, max_shard_bytes))
     meta = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
     else:
-        weight_map = {}
+        files = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(path / fname), metadata=meta)
-            weight_map.update(dict.fromkeys(shard, fname))
+            files.update(dict.fromkeys(shard, fname))
         total = sum(v.nbytes for v in tensors.values())
         (path / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            json.dumps({"metadata": {"total_size": total}, "weight_map": files}, indent=2)
         )
     (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
     return path

@@ -207,6 +207,30 @@ def test_save_pretrained_round_trips_and_opens_in_transformers(family, tmp_path)
     np.testing.assert_array_equal(_hf_logits(reloaded, seq), _hf_logits(model, seq))
 
 
+def test_weight_table_maps_every_tensor_both_ways(family):
+    """The family's one table (jaxkv.weight_map) gives back exactly the tensors transformers
+    holds, bit for bit, from the params it loaded, and builds those params again from them."""
+    from jaxkv import weight_map
+    from jaxkv.checkpoint import _IGNORED_SUFFIXES
+
+    _, model, path = family
+    config, params = load_pretrained(path, dtype=jnp.float32)
+    table = weight_map.TABLES[json.loads((path / "config.json").read_text())["model_type"]]
+    host = jax.tree.map(np.asarray, params)
+    tensors = weight_map.from_params(table, host, config)
+    theirs = {
+        k: v.numpy()
+        for k, v in model.state_dict().items()
+        if not k.endswith(_IGNORED_SUFFIXES)
+        and not (config.tie_embeddings and k == "lm_head.weight")
+    }
+    assert sorted(tensors) == sorted(theirs)
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(tensors[name], value, err_msg=name)
+    again = weight_map.to_params(table, lambda name, shape: tensors[name], config)
+    jax.tree.map(np.testing.assert_array_equal, again, host)
+
+
 def test_jaxkv_model_saves_as_llama_and_matches_in_transformers(tmp_path):
     cfg = jaxkv.ModelConfig(
         vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=48, max_seq_len=64
