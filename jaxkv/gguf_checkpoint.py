@@ -29,11 +29,26 @@ import numpy as np
 from jaxkv.checkpoint import CheckpointError
 from jaxkv.gguf_tokenizer import GGUFTokenizerSpec, tokenizer_from_gguf
 
-# llama.cpp architecture -> Hugging Face model_type. All are Llama-like blocks here (qwen3 adds
-# q/k norms); llama.cpp permutes q/k rows only for `llama` (its converters for Qwen2 and Qwen3
-# keep the HF order).
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+# llama.cpp architecture -> Hugging Face model_type. All are Llama-like blocks here; llama.cpp
+# permutes q/k rows only for `llama` (it runs the others with NEOX-style RoPE, in the HF order).
+SUPPORTED_ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "olmo2": "olmo2",
+}
 _PERMUTED_QK = ("llama",)
+# llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (every `*norm.weight`).
+_NORM_PLUS_ONE = ("gemma2", "gemma3")
+# Gemma in llama.cpp: sliding layers by a fixed pattern (every 2nd / 6th layer global), the
+# local RoPE base of Gemma 3 fixed at 10000, and the query scale 1/sqrt(head_dim) except for
+# the 27B models (recognised by their layer count), which use 1/sqrt(d_model / heads).
+_GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_GEMMA3_LOCAL_THETA = 10000.0
 # Stored types that gguf's reference code dequantizes (the K-quants, the legacy block types and
 # plain floats).
 SUPPORTED_TYPES = (
@@ -74,12 +89,24 @@ _LAYER_NAMES = {
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
-# Phi-3 keeps its fused projections (split at load by jaxkv.checkpoint, as for safetensors).
+_GEMMA_NORMS = {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 _ARCH_LAYER_NAMES = {
+    # Phi-3 keeps its fused projections (jaxkv's phi3 table reads them, as for safetensors).
     "phi3": {
         "attn_qkv.weight": "self_attn.qkv_proj.weight",
         "ffn_up.weight": "mlp.gate_up_proj.weight",
-    }
+    },
+    "gemma2": _GEMMA_NORMS,
+    "gemma3": _GEMMA_NORMS,
+    # OLMo 2: norms after the sublayers only.
+    "olmo2": {
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    },
 }
 
 
@@ -182,7 +209,9 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Any 
     elif scaling not in ("none", None):
         raise CheckpointError(f"{path}: RoPE scaling {scaling!r} is not supported (only linear)")
     window = get("attention.sliding_window", None, required=False)
-    if window and arch == "phi3":  # every layer slides, as in transformers' Phi-3
+    if arch in _GEMMA_PATTERN:
+        hf.update(_gemma_fields(arch, hf, window, get))
+    elif window and arch == "phi3":  # every layer slides, as in transformers' Phi-3
         hf["sliding_window"] = int(window)
     elif window:
         raise CheckpointError(f"{path}: a sliding window ({window}) in a GGUF is not supported")
@@ -204,6 +233,38 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Any 
         if value is not None:
             hf[key] = int(value)
     return hf
+
+
+def _gemma_fields(arch: str, hf: dict[str, Any], window: Any, get: Any) -> dict[str, Any]:
+    """Gemma 2/3 config.json fields from GGUF metadata, as llama.cpp runs these files."""
+    layers, pattern = hf["num_hidden_layers"], _GEMMA_PATTERN[arch]
+    pattern = get("attention.sliding_window_pattern", pattern, required=False)
+    if isinstance(pattern, list):  # one flag per layer: sliding or not
+        sliding = [bool(x) for x in pattern]
+    else:
+        sliding = [i % int(pattern) < int(pattern) - 1 for i in range(layers)]
+    if not window:  # newer Gemma 3 files may have no window: every layer global
+        sliding = [False] * layers
+    fields: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": (
+            hf["hidden_size"] / hf["num_attention_heads"]
+            if layers == _GEMMA_27B_LAYERS[arch]
+            else hf["head_dim"]
+        ),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+    }
+    if window:
+        fields["sliding_window"] = int(window)
+    if arch == "gemma2":  # llama.cpp's defaults where the file has none
+        fields["attn_logit_softcapping"] = float(get("attn_logit_softcapping", 50.0, False))
+        fields["final_logit_softcapping"] = float(get("final_logit_softcapping", 30.0, False))
+    else:
+        final = get("final_logit_softcapping", 0.0, required=False)
+        fields["final_logit_softcapping"] = float(final) if final else None
+        fields["rope_local_base_freq"] = _GEMMA3_LOCAL_THETA
+    return fields
 
 
 def _hf_name(name: str, arch: str = "llama") -> str | None:
@@ -262,6 +323,8 @@ class GGUFWeights:
                 f"needs {tuple(shape)}"
             )
         w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        if self.arch in _NORM_PLUS_ONE and name.endswith("norm.weight"):
+            w = w - 1.0
         if self.arch in _PERMUTED_QK:
             if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
                 w = _unpermute(w, self.hf["num_attention_heads"])

@@ -67,20 +67,48 @@ def _names(i):
     }
 
 
+# llama.cpp's names for the norms of Gemma 2/3 and OLMo 2 layers (the rest as for llama).
+_GEMMA_NORMS = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+_ARCH_NORMS = {
+    "gemma2": _GEMMA_NORMS,
+    "gemma3": _GEMMA_NORMS,
+    "olmo2": {
+        "post_attention_layernorm": "post_attention_norm",
+        "post_feedforward_layernorm": "post_ffw_norm",
+    },
+}
+
+
 def write_gguf(
-    path, state, *, qtype=None, arch="llama", tokenizer_model="gpt2", raw=None, head_dim=HD
+    path,
+    state,
+    *,
+    qtype=None,
+    arch="llama",
+    tokenizer_model="gpt2",
+    raw=None,
+    head_dim=HD,
+    layers=LAYERS,
+    theta=500.0,
+    metadata=None,
 ):
-    """A GGUF of a transformers llama (or qwen3) state dict. qtype: quantize every matrix with
-    gguf's quantizer; raw: {gguf name: (bytes array, type)} stored as given. q/k rows are
-    permuted as llama.cpp does for `llama` only."""
+    """A GGUF of a transformers state dict, written as llama.cpp's converter writes `arch`.
+    qtype: quantize every matrix with gguf's quantizer; raw: {gguf name: (bytes array, type)}
+    stored as given; metadata(writer): more keys. q/k rows are permuted for `llama` only;
+    Gemma's norm weights are stored as 1 + w and its tied head is left out."""
     w = gguf.GGUFWriter(str(path), arch=arch)
-    w.add_block_count(LAYERS)
+    w.add_block_count(layers)
     w.add_context_length(128)
     w.add_embedding_length(D)
     w.add_feed_forward_length(FFN)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV)
-    w.add_rope_freq_base(500.0)
+    w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(head_dim)
     if head_dim != HD:  # as llama.cpp writes an explicit head size
@@ -97,13 +125,17 @@ def write_gguf(
     w.add_pad_token_id(len(TOKENS))
     w.add_add_bos_token(False)
     w.add_chat_template(TEMPLATE)
+    if metadata is not None:
+        metadata(w)
     names = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight",
     }
-    for i in range(LAYERS):
+    for i in range(layers):
         names.update(_names(i))
+        for theirs, ours in _ARCH_NORMS.get(arch, {}).items():
+            names[f"model.layers.{i}.{theirs}.weight"] = f"blk.{i}.{ours}.weight"
         names[f"model.layers.{i}.self_attn.q_norm.weight"] = f"blk.{i}.attn_q_norm.weight"
         names[f"model.layers.{i}.self_attn.k_norm.weight"] = f"blk.{i}.attn_k_norm.weight"
         names[f"model.layers.{i}.self_attn.qkv_proj.weight"] = f"blk.{i}.attn_qkv.weight"  # phi3
@@ -112,7 +144,11 @@ def write_gguf(
     for hf_name, g_name in names.items():
         if hf_name not in state:
             continue
+        if arch in ("gemma2", "gemma3") and hf_name == "lm_head.weight":
+            continue  # tied: llama.cpp's converter skips it
         t = state[hf_name].float().numpy()
+        if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
+            t = t + 1
         if g_name.endswith("attn_q.weight") and arch == "llama":
             t = _permute(t, HEADS)
         if g_name.endswith("attn_k.weight") and arch == "llama":
@@ -131,21 +167,20 @@ def write_gguf(
     return path
 
 
-def _tiny(config_cls, model_cls, **extra):
+def _tiny(config_cls, model_cls, layers=LAYERS, **extra):
     """A tiny transformers model of the file dimensions, norms away from 1 (so a norm mapped to
     the wrong place shows)."""
     torch.manual_seed(0)
+    extra = {"rope_theta": 500.0, "initializer_range": 0.2, **extra}
     cfg = config_cls(
         vocab_size=VOCAB,
         hidden_size=D,
         intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
+        num_hidden_layers=layers,
         num_attention_heads=HEADS,
         num_key_value_heads=KV,
         max_position_embeddings=128,
-        rope_theta=500.0,
         rms_norm_eps=1e-5,
-        initializer_range=0.2,
         **extra,
     )
     cfg._attn_implementation = "eager"
@@ -177,20 +212,22 @@ def test_f32_gguf_equals_transformers(hf_model, f32_file):
     np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
-def _equals_source_and_transformers(model, path, seed):
-    """jaxkv's logits of a GGUF equal the model it was written from and transformers loading
-    the same GGUF; returns jaxkv's config."""
+def _equals_source_and_transformers(model, path, seed, transformers_reads_it=True):
+    """jaxkv's logits of a GGUF equal the model it was written from and (where its GGUF reader
+    supports the architecture) transformers loading the same GGUF; returns jaxkv's config."""
     config, params = load_pretrained(path)
     seq = np.random.default_rng(seed).integers(0, VOCAB, size=(2, 20))
     got = np.asarray(jaxkv.forward(params, config, seq))
     with torch.no_grad():
         ref = model(torch.tensor(seq)).logits.numpy()
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        ).eval()
-        via_gguf = theirs(torch.tensor(seq)).logits.numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4)
-    np.testing.assert_allclose(got, via_gguf, atol=1e-4)
+    if transformers_reads_it:
+        with torch.no_grad():
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32
+            ).eval()
+            via_gguf = theirs(torch.tensor(seq)).logits.numpy()
+        np.testing.assert_allclose(got, via_gguf, atol=1e-4)
     return config
 
 
@@ -202,6 +239,110 @@ def test_qwen3_gguf_equals_transformers_loading_it(tmp_path):
     path = write_gguf(tmp_path / "q3.gguf", model.state_dict(), arch="qwen3", head_dim=128)
     config = _equals_source_and_transformers(model, path, seed=1)
     assert config.qk_norm == "head" and config.head_dim == 128
+
+
+GEMMA_HD = 256  # transformers' GGUF reader assumes Gemma's query_pre_attn_scalar of 256
+# Gemma scales embeddings by sqrt(d_model) = 16: smaller weights keep the logits near the
+# other families' (|logit| < ~5), so 1e-4 stays a float32 rounding bound.
+GEMMA_INIT = 0.1
+
+
+def _gemma2(**caps):
+    return _tiny(
+        transformers.Gemma2Config,
+        transformers.Gemma2ForCausalLM,
+        initializer_range=GEMMA_INIT,
+        head_dim=GEMMA_HD,
+        query_pre_attn_scalar=GEMMA_HD,
+        sliding_window=4,
+        **caps,
+    )
+
+
+def _gemma2_file(model, path, caps=None):
+    def metadata(w):
+        w.add_sliding_window(4)
+        if caps is not None:
+            w.add_attn_logit_softcapping(caps[0])
+            w.add_final_logit_softcapping(caps[1])
+
+    return write_gguf(path, model.state_dict(), arch="gemma2", head_dim=GEMMA_HD, metadata=metadata)
+
+
+def test_gemma2_gguf_equals_transformers_loading_it(tmp_path):
+    """A Gemma 2 GGUF as llama.cpp writes it: norms stored as 1 + w, alternating sliding layers
+    (window 4 of 20 tokens), soft-capping at llama.cpp's defaults (50, 30) when the file names
+    none, query scale 1/sqrt(head_dim)."""
+    model = _gemma2()
+    path = _gemma2_file(model, tmp_path / "g2.gguf")
+    config = _equals_source_and_transformers(model, path, seed=3)
+    assert (config.attn_softcap, config.final_softcap) == (50.0, 30.0)
+    assert config.layer_types == ("sliding_attention", "full_attention")
+    assert config.norm_plus_one and config.sliding_window == 4
+
+
+def test_gemma2_gguf_soft_caps_from_the_file(tmp_path):
+    """Caps the file names (small, so they bite) are used; transformers' GGUF reader ignores
+    them, so the source model is the oracle here."""
+    model = _gemma2(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    path = _gemma2_file(model, tmp_path / "g2caps.gguf", caps=(2.0, 3.0))
+    config = _equals_source_and_transformers(model, path, seed=4, transformers_reads_it=False)
+    assert (config.attn_softcap, config.final_softcap) == (2.0, 3.0)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gemma3_gguf_equals_transformers_loading_it(tmp_path, scaled):
+    """A Gemma 3 GGUF: six layers (the sixth global, as llama.cpp's fixed pattern says), q/k
+    norms stored as 1 + w like the others, the local RoPE base 10000 and the file's global base
+    (with its linear scaling, which transformers' GGUF reader ignores: source model only)."""
+    rope = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+    }
+    if scaled:
+        rope["full_attention"] = {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}
+    model = _tiny(
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        initializer_range=GEMMA_INIT,
+        layers=6,
+        head_dim=GEMMA_HD,
+        query_pre_attn_scalar=GEMMA_HD,
+        sliding_window=4,
+        rope_parameters=rope,
+        rope_theta=1e6,
+    )
+
+    def metadata(w):
+        w.add_sliding_window(4)
+        if scaled:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(4.0)
+
+    path = write_gguf(
+        tmp_path / "g3.gguf",
+        model.state_dict(),
+        arch="gemma3",
+        head_dim=GEMMA_HD,
+        layers=6,
+        theta=1e6,
+        metadata=metadata,
+    )
+    config = _equals_source_and_transformers(model, path, seed=5, transformers_reads_it=not scaled)
+    assert config.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    assert (config.rope_theta, config.rope_local_theta) == (1e6, 10000.0)
+    assert config.qk_norm == "head" and config.attn_softcap is None
+
+
+def test_olmo2_gguf_equals_its_source(tmp_path):
+    """An OLMo 2 GGUF: norms after each sublayer, q/k norms over the whole projection, q/k rows
+    in Hugging Face order (llama.cpp runs olmo2 with NEOX RoPE). transformers cannot read
+    olmo2 GGUF files, so the source model is the oracle."""
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = _tiny(transformers.Olmo2Config, transformers.Olmo2ForCausalLM, **ids)
+    path = write_gguf(tmp_path / "olmo2.gguf", model.state_dict(), arch="olmo2")
+    config = _equals_source_and_transformers(model, path, seed=6, transformers_reads_it=False)
+    assert config.block_norms == "post" and config.qk_norm == "flat"
 
 
 def test_phi3_gguf_equals_transformers_loading_it(tmp_path):
@@ -308,8 +449,8 @@ def test_unsupported_things_are_named(hf_model, tmp_path):
     raw = {"blk.0.ffn_up.weight": (gguf.quants.quantize(t, Q.TQ1_0), Q.TQ1_0)}
     with pytest.raises(CheckpointError, match="stored as TQ1_0.*supported: F32"):
         load_pretrained(write_gguf(tmp_path / "t.gguf", state, raw=raw))
-    with pytest.raises(CheckpointError, match="architecture 'gemma2' is not supported"):
-        load_pretrained(write_gguf(tmp_path / "a.gguf", state, arch="gemma2"))
+    with pytest.raises(CheckpointError, match="architecture 'falcon' is not supported"):
+        load_pretrained(write_gguf(tmp_path / "a.gguf", state, arch="falcon"))
     path = write_gguf(tmp_path / "s.gguf", state, tokenizer_model="llama")
     with pytest.raises(CheckpointError, match="tokenizer model 'llama' is not supported"):
         load_tokenizer(path)
