@@ -29,8 +29,7 @@ import numpy as np
 from jaxkv.checkpoint import CheckpointError
 from jaxkv.gguf_tokenizer import GGUFTokenizerSpec, tokenizer_from_gguf
 
-# llama.cpp architecture -> Hugging Face model_type. All are Llama-like blocks here; llama.cpp
-# permutes q/k rows only for `llama` (it runs the others with NEOX-style RoPE, in the HF order).
+# llama.cpp architecture -> Hugging Face model_type. All are Llama-like blocks here.
 SUPPORTED_ARCHITECTURES = {
     "llama": "llama",
     "qwen2": "qwen2",
@@ -39,8 +38,13 @@ SUPPORTED_ARCHITECTURES = {
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
     "olmo2": "olmo2",
+    "smollm3": "smollm3",
 }
-_PERMUTED_QK = ("llama",)
+# llama.cpp runs these with consecutive-pair RoPE, so its converter permutes q/k rows.
+_PERMUTED_QK = ("llama", "smollm3")
+# SmolLM3 in llama.cpp: no RoPE on every 4th layer (fixed, no GGUF key), as transformers'
+# default no_rope_layer_interval.
+_SMOLLM3_NO_ROPE_EVERY = 4
 # llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (every `*norm.weight`).
 _NORM_PLUS_ONE = ("gemma2", "gemma3")
 # Gemma in llama.cpp: sliding layers by a fixed pattern (every 2nd / 6th layer global), the
@@ -224,6 +228,8 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Any 
         hf.update(attention_bias=bias, mlp_bias=False)
     if arch == "qwen3":
         hf["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    if arch == "smollm3":
+        hf["no_rope_layer_interval"] = _SMOLLM3_NO_ROPE_EVERY
     for key, name in (
         ("bos_token_id", "bos"),
         ("eos_token_id", "eos"),

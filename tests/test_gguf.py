@@ -96,6 +96,7 @@ def write_gguf(
     layers=LAYERS,
     theta=500.0,
     metadata=None,
+    tied=False,
 ):
     """A GGUF of a transformers state dict, written as llama.cpp's converter writes `arch`.
     qtype: quantize every matrix with gguf's quantizer; raw: {gguf name: (bytes array, type)}
@@ -144,14 +145,14 @@ def write_gguf(
     for hf_name, g_name in names.items():
         if hf_name not in state:
             continue
-        if arch in ("gemma2", "gemma3") and hf_name == "lm_head.weight":
-            continue  # tied: llama.cpp's converter skips it
+        if (tied or arch in ("gemma2", "gemma3")) and hf_name == "lm_head.weight":
+            continue  # a tied head: llama.cpp's converter writes none
         t = state[hf_name].float().numpy()
         if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
             t = t + 1
-        if g_name.endswith("attn_q.weight") and arch == "llama":
+        if g_name.endswith("attn_q.weight") and arch in ("llama", "smollm3"):
             t = _permute(t, HEADS)
-        if g_name.endswith("attn_k.weight") and arch == "llama":
+        if g_name.endswith("attn_k.weight") and arch in ("llama", "smollm3"):
             t = _permute(t, KV)
         if g_name in raw:
             data, ty = raw[g_name]
@@ -343,6 +344,17 @@ def test_olmo2_gguf_equals_its_source(tmp_path):
     path = write_gguf(tmp_path / "olmo2.gguf", model.state_dict(), arch="olmo2")
     config = _equals_source_and_transformers(model, path, seed=6, transformers_reads_it=False)
     assert config.block_norms == "post" and config.qk_norm == "flat"
+
+
+def test_smollm3_gguf_equals_its_source(tmp_path):
+    """A SmolLM3 GGUF: q/k rows permuted as for llama, no RoPE on every 4th layer (llama.cpp's
+    fixed step), tied embeddings. transformers cannot read smollm3 GGUF files."""
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = _tiny(transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM, layers=4, **ids)
+    state = model.state_dict()
+    path = write_gguf(tmp_path / "smollm3.gguf", state, arch="smollm3", layers=4, tied=True)
+    config = _equals_source_and_transformers(model, path, seed=7, transformers_reads_it=False)
+    assert config.rope_layers == (True, True, True, False) and config.tie_embeddings
 
 
 def test_phi3_gguf_equals_transformers_loading_it(tmp_path):
