@@ -166,6 +166,12 @@ class Conversation:
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.template = template
         self.template_kwargs = dict(chat_template_kwargs or {})
+        taken = sorted(
+            {"messages", "add_generation_prompt", "bos_token", "eos_token"}
+            & set(self.template_kwargs)
+        )
+        if taken:
+            raise ValueError(f"chat_template_kwargs cannot set {taken}: the conversation does")
         self.capacity = capacity
         self.stop_ids = tuple(stop_ids if stop_ids is not None else chat_stop_ids(tokenizer))
         if not self.stop_ids:

@@ -288,3 +288,6 @@ def test_jaxkv_chat_cli_passes_template_kwargs(tmp_path, monkeypatch, capsys):
         prefilled.append(int(turn.split("prefilled ")[1].split()[0]))
     think = tok.encode("<think>\n\n</think>\n\n", add_special_tokens=False)
     assert prefilled[1] - prefilled[0] == len(think)
+    bad = ["chat", "--model", str(path), "--template-kwargs", '{"add_generation_prompt": false}']
+    assert cli.main(bad) == 2
+    assert "cannot set ['add_generation_prompt']" in capsys.readouterr().err
