@@ -37,6 +37,7 @@ SUPPORTED_MODEL_TYPES = (
     "olmo2",
     "gemma2",
     "gemma3_text",
+    "gemma3",  # multimodal: its text decoder (saved back as gemma3_text)
     "phi3",
     "gpt2",
 )
@@ -235,6 +236,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
             f"model_type {model_type!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if model_type == "gemma3":
+        return config_from_hf(_gemma3_text_config(hf), dtype)
     if model_type == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in _TANH_GELUS:
@@ -590,6 +593,62 @@ class _Reader:
         )
 
 
+def _gemma3_text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The text decoder's config.json of a multimodal Gemma 3 checkpoint (`text_config`)."""
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError("a gemma3 config.json needs a text_config (the text decoder's)")
+    text = {**text, "model_type": "gemma3_text"}
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
+    return text
+
+
+# Where a multimodal Gemma 3 checkpoint keeps its text decoder (as saved by transformers 4.5x
+# and 5, and by 4.52+'s new layout), and the vision parts a text model leaves unread.
+_GEMMA3_TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
+_GEMMA3_VISION_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+
+
+class _Gemma3TextDecoder:
+    """A multimodal Gemma 3 checkpoint read as its text decoder, under gemma3_text's names."""
+
+    def __init__(self, reader: Any, path: Any) -> None:
+        self.reader = reader
+        prefix = next(
+            (p for p in _GEMMA3_TEXT_PREFIXES if reader.has(p + "embed_tokens.weight")), None
+        )
+        if prefix is None:
+            raise CheckpointError(
+                f"{path}: no text decoder weights in this gemma3 checkpoint (looked for "
+                f"{[p + 'embed_tokens.weight' for p in _GEMMA3_TEXT_PREFIXES]})"
+            )
+        self.prefix = prefix
+        self.head = (
+            "language_model.lm_head.weight" if prefix.startswith("lang") else "lm_head.weight"
+        )
+
+    def _name(self, name: str) -> str:
+        if name == "lm_head.weight":
+            return self.head
+        return self.prefix + name.removeprefix("model.")
+
+    def has(self, name: str) -> bool:
+        return self.reader.has(self._name(name))
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return self.reader.get(self._name(name), shape)
+
+    def leftover(self) -> list[str]:
+        left = self.reader.leftover()
+        left = [n for n in left if not n.startswith(_GEMMA3_VISION_PREFIXES)]
+        return ["lm_head.weight" if n == self.head else n for n in left]
+
+
 class _Unprefixed:
     """GPT-2 checkpoints saved without the `transformer.` prefix, read under its names."""
 
@@ -659,10 +718,13 @@ def params_from_reader(
     `has(name)`, `leftover()`), with every tensor checked and none left unused."""
     dtype = str(jnp.dtype(dtype))
     config = config_from_hf(hf, dtype=dtype)
+    model_type = hf["model_type"]
+    if model_type == "gemma3":  # multimodal: its text decoder, unread vision parts allowed
+        reader, model_type = _Gemma3TextDecoder(reader, path), "gemma3_text"
     get = reader.get
-    if hf["model_type"] == "gpt2" and not reader.has("transformer.wte.weight"):
+    if model_type == "gpt2" and not reader.has("transformer.wte.weight"):
         get = _Unprefixed(reader).get
-    table = weight_map.TABLES[hf["model_type"]]
+    table = weight_map.TABLES[model_type]
     params = weight_map.to_params(table, get, config, _layer_range(config, progress))
     leftover = reader.leftover()
     if config.tie_embeddings:  # some tied checkpoints also store the (identical) head

@@ -623,3 +623,73 @@ def test_phi3_longrope_and_partial_rotary_are_refused():
     with pytest.raises(CheckpointError, match="partial_rotary_factor=0.5 is not supported"):
         config_from_hf({**hf, "partial_rotary_factor": 0.5})
     assert config_from_hf(hf).n_layers == 2
+
+
+def _gemma3_multimodal(tmp_path):
+    """A tiny multimodal Gemma 3 (SigLIP vision tower, projector, text decoder), saved by
+    transformers; image token ids 5-7 stay out of the text prompts."""
+    torch.manual_seed(0)
+    text = FAMILIES["gemma3"]()
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    cfg = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=5,
+        boi_token_index=6,
+        eoi_token_index=7,
+    )
+    cfg.text_config._attn_implementation = "eager"
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_decoder(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (`gemma3`) loads as its text decoder: the
+    config is the text_config's, the vision tower and projector are left unread, and the logits
+    of text prompts equal transformers' multimodal model within 1e-4, for both of transformers'
+    weight layouts (`language_model.model.*` and `model.language_model.*`)."""
+    from safetensors.numpy import load_file, save_file
+
+    model = _gemma3_multimodal(tmp_path / "mm")
+    config, params = load_pretrained(tmp_path / "mm", dtype=jnp.float32)
+    text_config = config_from_hf(
+        {**model.config.text_config.to_dict(), "model_type": "gemma3_text"}
+    )
+    assert config == text_config.replace(tie_embeddings=True)
+    seqs = [[9, 40, 11, 100, 23, 57, 8, 19, 33, 71, 90, 14], [60, 12, 8]]
+    for seq in seqs:
+        got = np.asarray(jaxkv.forward(params, config, np.asarray([seq]))[0])
+        np.testing.assert_allclose(got, _hf_logits(model, seq), atol=1e-4)
+    # The newer layout: the same tensors under model.language_model.*, vision under model.*.
+    tensors = load_file(str(tmp_path / "mm" / "model.safetensors"))
+    renamed = {
+        k.replace("language_model.model.", "model.language_model.", 1)
+        .replace("vision_tower.", "model.vision_tower.", 1)
+        .replace("multi_modal_projector.", "model.multi_modal_projector.", 1): v
+        for k, v in tensors.items()
+    }
+    assert renamed.keys() != tensors.keys()
+    (tmp_path / "new").mkdir()
+    save_file(renamed, str(tmp_path / "new" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(tmp_path / "mm" / "config.json", tmp_path / "new" / "config.json")
+    config2, params2 = load_pretrained(tmp_path / "new", dtype=jnp.float32)
+    assert config2 == config
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    # A text tensor missing is named under the checkpoint's own spelling.
+    del renamed["model.language_model.layers.1.mlp.up_proj.weight"]
+    save_file(renamed, str(tmp_path / "new" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'model.language_model.layers.1.mlp.up_proj"):
+        load_pretrained(tmp_path / "new")
