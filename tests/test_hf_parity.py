@@ -558,7 +558,7 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
     with pytest.raises(
         CheckpointError,
         match="'falcon' is not supported; supported: llama, mistral, ministral, qwen2, qwen3, "
-        "smollm3, olmo2, gemma2, gemma3_text, phi3, gpt2",
+        "smollm3, olmo2, gemma2, gemma3_text, gemma3, phi3, gpt2",
     ):
         load_pretrained(path)
 
