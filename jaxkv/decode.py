@@ -31,7 +31,7 @@ from jaxkv import checks
 from jaxkv.cache import Kind, KVCache, layer_kinds
 from jaxkv.cache.kinds import needs_capacity
 from jaxkv.cache.kvcache import check_storage
-from jaxkv.cache.quant import quant_spec, storage_dtype
+from jaxkv.cache.quant import KVQuant, quant_spec, storage_dtype
 from jaxkv.config import ModelConfig
 from jaxkv.loops import (
     DecodeState,
@@ -143,7 +143,7 @@ def _cache_layout(
                 "or the other"
             )
         spec, layout = quant_spec(cache_dtype), cache.storage()
-        if spec is not None and layout is not None and spec != layout:
+        if spec is not None and layout is not None and not _same_storage(spec, layout, cache):
             raise ValueError(
                 f"cache_dtype={spec.describe()} was given with a cache stored as "
                 f"{layout.describe()}; give one or the other"
@@ -157,6 +157,20 @@ def _cache_layout(
     if capacity is None:
         raise ValueError(f"{caller} needs capacity= (slots per row) for a cache with dense layers")
     return _Layout(None, capacity, kinds)
+
+
+def _same_storage(spec: KVQuant, layout: KVQuant, cache: KVCache) -> bool:
+    """Whether a cache stored as `layout` holds `spec`. With one KV head, scales per token and
+    per token and head are the same arrays (the cache reads as the latter)."""
+    if spec == layout:
+        return True
+    one_head = cache.layers[0].k.shape[1] == 1
+    per_token = {"head", "token"}
+    return (
+        one_head
+        and {spec.scales, layout.scales} <= per_token
+        and dataclasses.replace(spec, scales="head") == dataclasses.replace(layout, scales="head")
+    )
 
 
 @dataclasses.dataclass(frozen=True)

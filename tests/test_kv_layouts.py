@@ -234,6 +234,23 @@ def test_layout_errors():
         perplexity(params, cfg, [1, 2, 3], cache=Window(2), cache_dtype=KVQuant(residual=True))
 
 
+def test_reused_cache_with_one_kv_head_accepts_either_per_token_layout():
+    """With one KV head, scales per token and per token and head are the same arrays: a cache
+    made for either is reused under the other (it reads as per head); with two heads the
+    mismatch is still an error."""
+    cfg, params = tiny("test-mqa")
+    run = dict(max_new_tokens=6, cache_dtype=KVQuant("int8", "token"))
+    fresh = jaxkv.generate(params, cfg, [[1, 2, 3]], capacity=64, **run)
+    reused = KVCache.init(cfg, 1, 64, KVQuant("int8", "token"))
+    assert reused.storage() == KVQuant("int8", "head")
+    again = jaxkv.generate(params, cfg, [[1, 2, 3]], cache=reused, **run)
+    np.testing.assert_array_equal(again.tokens, fresh.tokens)
+    gqa, gqa_params = tiny("test-gqa")
+    other = KVCache.init(gqa, 1, 64, "int8")
+    with pytest.raises(ValueError, match=r"cache_dtype=int8 \(token scales\) was given"):
+        jaxkv.generate(gqa_params, gqa, [[1, 2]], cache=other, **run)
+
+
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_token_scales_in_a_ring_equal_the_dense_layer(dtype, rng):
     """Scales shared by the heads in ring layers: a ring (with sinks) wider than the
