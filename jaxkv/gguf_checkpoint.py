@@ -214,7 +214,7 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Any 
         raise CheckpointError(f"{path}: RoPE scaling {scaling!r} is not supported (only linear)")
     window = get("attention.sliding_window", None, required=False)
     if arch in _GEMMA_PATTERN:
-        hf.update(_gemma_fields(arch, hf, window, get))
+        hf.update(_gemma_fields(arch, hf, window, get, path))
     elif window and arch == "phi3":  # every layer slides, as in transformers' Phi-3
         hf["sliding_window"] = int(window)
     elif window:
@@ -241,15 +241,24 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Any 
     return hf
 
 
-def _gemma_fields(arch: str, hf: dict[str, Any], window: Any, get: Any) -> dict[str, Any]:
+def _gemma_fields(
+    arch: str, hf: dict[str, Any], window: Any, get: Any, path: Any = ""
+) -> dict[str, Any]:
     """Gemma 2/3 config.json fields from GGUF metadata, as llama.cpp runs these files."""
     layers, pattern = hf["num_hidden_layers"], _GEMMA_PATTERN[arch]
+    if arch == "gemma2" and not window:  # llama.cpp requires it for gemma2
+        raise CheckpointError(f"{path}: GGUF metadata 'gemma2.attention.sliding_window' is missing")
     pattern = get("attention.sliding_window_pattern", pattern, required=False)
     if isinstance(pattern, list):  # one flag per layer: sliding or not
+        if len(pattern) != layers:
+            raise CheckpointError(
+                f"{path}: {arch}.attention.sliding_window_pattern has {len(pattern)} flags for "
+                f"{layers} layers"
+            )
         sliding = [bool(x) for x in pattern]
     else:
         sliding = [i % int(pattern) < int(pattern) - 1 for i in range(layers)]
-    if not window:  # newer Gemma 3 files may have no window: every layer global
+    if not window:  # a Gemma 3 file may have no window: every layer global
         sliding = [False] * layers
     fields: dict[str, Any] = {
         "hidden_activation": "gelu_pytorch_tanh",

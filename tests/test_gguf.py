@@ -282,6 +282,31 @@ def test_gemma2_gguf_equals_transformers_loading_it(tmp_path):
     assert config.norm_plus_one and config.sliding_window == 4
 
 
+def test_gemma_gguf_bad_window_metadata_is_named(tmp_path):
+    """A Gemma 2 file without its window, or a per-layer pattern of the wrong length, is an
+    error naming the key, not a guess."""
+    model = _gemma2()
+    no_window = write_gguf(
+        tmp_path / "nw.gguf", model.state_dict(), arch="gemma2", head_dim=GEMMA_HD
+    )
+    with pytest.raises(CheckpointError, match="'gemma2.attention.sliding_window' is missing"):
+        load_pretrained(no_window)
+
+    def bad_pattern(w):
+        w.add_sliding_window(4)
+        w.add_array("gemma2.attention.sliding_window_pattern", [True, False, True])
+
+    path = write_gguf(
+        tmp_path / "bp.gguf",
+        model.state_dict(),
+        arch="gemma2",
+        head_dim=GEMMA_HD,
+        metadata=bad_pattern,
+    )
+    with pytest.raises(CheckpointError, match="has 3 flags for 2 layers"):
+        load_pretrained(path)
+
+
 def test_gemma2_gguf_soft_caps_from_the_file(tmp_path):
     """Caps the file names (small, so they bite) are used; transformers' GGUF reader ignores
     them, so the source model is the oracle here."""
